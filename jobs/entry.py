@@ -1,0 +1,116 @@
+"""The command line every stage shares: ``--config FILE``, ``key.sub=value`` overrides, ``--check``.
+
+A stage module (``jobs/<stage>.py``) declares a :class:`Stage` and calls :func:`run_stage` from its
+``main``, so ``unclip <stage> ...`` and ``python -m jobs.<stage> ...`` (what ``ray job submit`` runs)
+behave the same. The config is loaded and checked before the stage asks Ray for anything; a bad
+config is one ``error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as configlib
+from pipeline.errors import UserFacingError
+from pipeline.storage import StorageError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage the CLI can run: its config class, its default config file and what runs it."""
+
+    name: str
+    summary: str
+    config_cls: type
+    default_config: str | None  # relative to configs/
+    run: Callable[[Any], Any] | None = None
+
+    def default_config_path(self) -> str | None:
+        if self.default_config is None:
+            return None
+        path = CONFIG_DIR / self.default_config
+        return str(path) if path.exists() else None
+
+
+def build_parser(stage: Stage, prog: str) -> argparse.ArgumentParser:
+    default = stage.default_config_path()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=stage.summary,
+        epilog="Overrides are key.sub=value pairs, e.g. optim.lr=3e-4 root=s3://bucket/unclip. "
+        "--help-config lists every key.",
+    )
+    parser.add_argument(
+        "--config",
+        default=default,
+        help=f"YAML config file (default: {default or 'built-in defaults'})",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument(
+        "--check", action="store_true", help="check the config, print it resolved, and exit"
+    )
+    parser.add_argument(
+        "--help-config", action="store_true", help="list every config key with its default"
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return parser
+
+
+def load_stage_config(stage: Stage, path: str | None, overrides: Sequence[str]) -> Any:
+    return configlib.load(stage.config_cls, path, overrides)
+
+
+def describe_config(config_cls: type) -> str:
+    rows = configlib.describe(config_cls)
+    width = max(len(key) for key, *_ in rows)
+    return "\n".join(
+        f"  {key:<{width}}  {doc}  [{type_name}; default: {default!r}]"
+        for key, type_name, default, doc in rows
+    )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(stage: Stage, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Parse the command line, load and check the config, then run the stage. Returns an exit code."""
+    prog = prog or f"unclip {stage.name}"
+    args = build_parser(stage, prog).parse_args(argv)
+    if args.help_config:
+        print(f"{prog}: config keys\n{describe_config(stage.config_cls)}")
+        return 0
+    setup_logging(args.verbose)
+    try:
+        cfg = load_stage_config(stage, args.config, args.overrides)
+    except configlib.ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.check or stage.run is None:
+        print(configlib.dumps(cfg), end="")
+        return 0
+    try:
+        result = stage.run(cfg)
+    except configlib.ConfigError as exc:  # a config the stage reads in turn (quickstart)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except (UserFacingError, StorageError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return int(result or 0)

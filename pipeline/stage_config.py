@@ -1,0 +1,274 @@
+"""One typed config per stage, and the sections they share.
+
+Every stage works under one storage ``root`` (a local path or ``s3://bucket/prefix``); its inputs and
+outputs are paths relative to that root unless given as absolute URLs, so changing ``root`` moves a
+whole pipeline and every stage still finds the others' outputs::
+
+    <root>/shards/                 webdataset shards (img2dataset layout)
+    <root>/embeddings/<clip-id>/   the embedding store
+    <root>/checkpoints/<run>/      one folder per stage run: config, checkpoints, metrics
+    <root>/samples/, <root>/eval/  generated images and reports
+
+The YAML files in ``configs/<stage>/`` set these fields; ``pipeline.config.load`` reads and checks them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.storage import StorageOptions, resolve
+from unclip.config import DecoderNetConfig, DiffusionConfig, PriorNetConfig, UpsamplerNetConfig
+from unclip.fields import param, require
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared sections
+
+
+@dataclass
+class RayOptions:
+    """Which Ray cluster to use."""
+
+    address: str | None = param(
+        None,
+        "Ray address: null uses RAY_ADDRESS or the cluster a job was submitted to, else starts a "
+        "local Ray; 'local' always starts one; 'auto' or ray://host:10001 joins a cluster",
+    )
+    num_cpus: int | None = param(None, "CPUs of a local Ray (null: all of this machine's)", ge=1)
+
+
+@dataclass
+class ClipSource:
+    """Which open_clip model encodes images and captions."""
+
+    model: str = param("ViT-B-32", "open_clip model name (open_clip.list_models())")
+    pretrained: str | None = param(
+        None,
+        "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a checkpoint path/URL; "
+        "null: random weights (tests only)",
+    )
+    model_config: str | None = param(
+        None, "JSON model config registering a custom model name (e.g. configs/clip/tiny-clip.json)"
+    )
+
+
+@dataclass
+class ScalingOptions:
+    """How many Ray Train workers, with what resources (Ray Train's ScalingConfig)."""
+
+    num_workers: int = param(1, "training workers (one per GPU on a GPU cluster)", ge=1)
+    use_gpu: bool = param(False, "give each worker a GPU")
+    cpus_per_worker: float = param(1.0, "CPUs reserved per worker", gt=0)
+    resources_per_worker: dict[str, float] = param(
+        factory=dict, doc="extra custom resources per worker, e.g. {accelerator_type:H100: 0.01}"
+    )
+
+
+@dataclass
+class OptimOptions:
+    """AdamW with a linear warm-up then a decay (paper table 3 gives the per-stage values)."""
+
+    lr: float = param(1e-4, "peak learning rate", gt=0)
+    beta1: float = param(0.9, "Adam β1", ge=0, lt=1)
+    beta2: float = param(0.999, "Adam β2", ge=0, lt=1)
+    eps: float = param(1e-8, "Adam ε", gt=0)
+    weight_decay: float = param(0.0, "decoupled weight decay", ge=0)
+    warmup_steps: int = param(0, "linear warm-up steps", ge=0)
+    decay: Literal["constant", "cosine", "linear"] = param("cosine", "decay after warm-up")
+    min_lr_ratio: float = param(0.1, "final learning rate as a fraction of lr", ge=0, le=1)
+    grad_clip: float | None = param(1.0, "clip the global gradient norm to this (null: off)", gt=0)
+    grad_accum: int = param(1, "micro-batches accumulated per optimizer step", ge=1)
+
+
+@dataclass
+class TrainOptions:
+    """Length, batch and precision of a training run."""
+
+    steps: int = param(1000, "optimizer steps in the whole run", ge=1)
+    batch_size: int = param(32, "global batch size per optimizer step, over all workers", ge=1)
+    precision: Precision = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    seed: int = param(0, "random seed")
+    log_every: int = param(10, "steps between metric reports", ge=1)
+    max_failures: int = param(3, "worker failures survived before the run fails", ge=-1)
+
+    def validate(self) -> None:
+        require(self.max_failures >= -1, "max_failures", "must be -1 (unlimited) or more")
+
+
+@dataclass
+class EmaOptions:
+    """Exponential moving average of weights, used for sampling."""
+
+    decay: float = param(0.9999, "EMA decay per update", ge=0, lt=1)
+    update_every: int = param(1, "optimizer steps between EMA updates", ge=1)
+    start_step: int = param(0, "step before which the EMA just copies the weights", ge=0)
+
+
+@dataclass
+class CheckpointOptions:
+    """When to write checkpoints and how many to keep."""
+
+    every_steps: int = param(500, "steps between checkpoints (and one at the end)", ge=1)
+    keep: int = param(3, "most recent checkpoints kept", ge=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage configs
+
+
+@dataclass
+class StageConfig:
+    """What every stage has: the storage root, how to reach storage, and which Ray cluster."""
+
+    root: str = param("runs/quickstart", "storage root (local path or s3://bucket/prefix)")
+    storage: StorageOptions = param(factory=StorageOptions, doc="object storage access")
+    ray: RayOptions = param(factory=RayOptions, doc="Ray cluster")
+
+    def url(self, path: str) -> str:
+        """``path`` resolved against ``root`` (absolute paths and URLs are kept)."""
+        return resolve(self.root, path)
+
+    def validate(self) -> None:
+        require(bool(self.root.strip()), "root", "must not be empty")
+
+
+@dataclass
+class TrainStageConfig(StageConfig):
+    """What every training stage adds: a run name, the loop, optimizer, EMA, checkpoints, workers."""
+
+    run: str = param("run", "run name: checkpoints go to <root>/checkpoints/<run>")
+    train: TrainOptions = param(factory=TrainOptions, doc="training loop")
+    optim: OptimOptions = param(factory=OptimOptions, doc="optimizer and schedule")
+    ema: EmaOptions = param(factory=EmaOptions, doc="weight EMA")
+    checkpoint: CheckpointOptions = param(factory=CheckpointOptions, doc="checkpointing")
+    scaling: ScalingOptions = param(factory=ScalingOptions, doc="Ray Train workers")
+
+    def run_url(self) -> str:
+        return self.url(f"checkpoints/{self.run}")
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            "/" not in self.run and bool(self.run.strip()), "run", "must be a plain folder name"
+        )
+        workers = self.scaling.num_workers * self.optim.grad_accum
+        require(
+            self.train.batch_size % workers == 0,
+            "train.batch_size",
+            f"must be divisible by scaling.num_workers × optim.grad_accum ({workers}), "
+            f"got {self.train.batch_size}",
+        )
+
+
+@dataclass
+class EmbedConfig(StageConfig):
+    """``unclip embed``: open_clip image and text embeddings of webdataset shards into the store."""
+
+    shards: str = param("shards", "webdataset shards to encode (folder, glob or brace pattern)")
+    store: str = param("embeddings", "embedding store root; the store is <store>/<clip-id>")
+    clip: ClipSource = param(factory=ClipSource, doc="the CLIP to encode with")
+    batch_size: int = param(64, "samples per encoder call", ge=1)
+    concurrency: int = param(1, "encoder actors", ge=1)
+    gpus_per_actor: float = param(0.0, "GPUs per encoder actor (0: CPU)", ge=0)
+    precision: Precision = param("auto", "auto: fp16 on GPU, fp32 on CPU")
+
+
+@dataclass
+class TrainClipConfig(TrainStageConfig):
+    """``unclip train-clip``: contrastive training of an open_clip model on the shards."""
+
+    run: str = param("clip", "run name: checkpoints go to <root>/checkpoints/<run>")
+    shards: str = param("shards", "webdataset shards to train on")
+    clip: ClipSource = param(factory=ClipSource, doc="the open_clip model to train (or fine-tune)")
+
+
+@dataclass
+class PriorConfig(TrainStageConfig):
+    """``unclip train-prior``: text embedding and caption → CLIP image embedding (section 2.1)."""
+
+    run: str = param("prior", "run name: checkpoints go to <root>/checkpoints/<run>")
+    store: str = param("embeddings", "embedding store root")
+    clip_id: str | None = param(None, "which store under <store>/ (null: the only one)")
+    model: PriorNetConfig = param(factory=PriorNetConfig, doc="prior network")
+    diffusion: DiffusionConfig = param(
+        factory=lambda: DiffusionConfig(objective="x0", thresholding="none"),
+        doc="diffusion process (the paper's prior predicts x₀)",
+    )
+
+
+@dataclass
+class DecoderConfig(TrainStageConfig):
+    """``unclip train-decoder``: CLIP image embedding (and caption) → 64px image (section 2.2)."""
+
+    run: str = param("decoder", "run name: checkpoints go to <root>/checkpoints/<run>")
+    shards: str = param("shards", "webdataset shards with the images")
+    store: str = param("embeddings", "embedding store root")
+    clip_id: str | None = param(None, "which store under <store>/ (null: the only one)")
+    model: DecoderNetConfig = param(factory=DecoderNetConfig, doc="decoder UNet")
+    diffusion: DiffusionConfig = param(factory=DiffusionConfig, doc="diffusion process")
+    sample_grid: int = param(16, "samples in the grid written at each checkpoint (0: none)", ge=0)
+
+
+@dataclass
+class UpsamplerConfig(TrainStageConfig):
+    """``unclip train-upsampler``: 64→256 or 256→1024 super-resolution (section 2.2)."""
+
+    run: str = param("upsampler", "run name: checkpoints go to <root>/checkpoints/<run>")
+    shards: str = param("shards", "webdataset shards with the images")
+    model: UpsamplerNetConfig = param(factory=UpsamplerNetConfig, doc="upsampler UNet")
+    diffusion: DiffusionConfig = param(factory=DiffusionConfig, doc="diffusion process")
+    sample_grid: int = param(8, "samples in the grid written at each checkpoint (0: none)", ge=0)
+
+
+@dataclass
+class SampleConfig(StageConfig):
+    """``unclip sample``: text → prior → decoder → upsamplers, written as images and a grid."""
+
+    prior: str = param("checkpoints/prior", "prior run folder or checkpoint")
+    decoder: str = param("checkpoints/decoder", "decoder run folder or checkpoint")
+    upsamplers: list[str] = param(
+        factory=list, doc="upsampler run folders or checkpoints, lowest resolution first"
+    )
+    prompts: list[str] = param(factory=list, doc="captions to draw")
+    samples_per_prompt: int = param(4, "images per caption", ge=1)
+    seed: int = param(0, "random seed: the same seed gives the same images")
+    prior_steps: int | None = param(None, "prior sampling steps (null: the run's config)", ge=1)
+    decoder_steps: int | None = param(None, "decoder sampling steps (null: the run's)", ge=1)
+    upsampler_steps: int | None = param(None, "upsampler sampling steps (null: the run's)", ge=1)
+    prior_guidance: float = param(1.0, "prior classifier-free guidance scale", ge=0)
+    decoder_guidance: float = param(3.0, "decoder classifier-free guidance scale", ge=0)
+    batch_size: int = param(16, "images generated at once", ge=1)
+    output: str = param("samples", "where images and the grid go")
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    """``unclip eval``: CLIP score, Fréchet distances and attribute accuracy of a cascade."""
+
+    prior: str = param("checkpoints/prior", "prior run folder or checkpoint")
+    decoder: str = param("checkpoints/decoder", "decoder run folder or checkpoint")
+    store: str = param("embeddings", "embedding store root (its CLIP scores the images)")
+    clip_id: str | None = param(None, "which store under <store>/ (null: the only one)")
+    prompts: list[str] = param(factory=list, doc="captions to evaluate (empty: from the store)")
+    num_prompts: int = param(64, "captions drawn from the store when prompts is empty", ge=1)
+    inception_weights: str | None = param(
+        None, "local FID Inception weights file; FID is skipped without it"
+    )
+    seed: int = param(0, "random seed")
+    batch_size: int = param(16, "images generated at once", ge=1)
+    output: str = param("eval", "where the JSON and Markdown report go")
+
+
+# stage → (config class, folder under configs/ holding its YAML files, one per size)
+STAGE_CONFIGS: dict[str, tuple[type[StageConfig], str]] = {
+    "embed": (EmbedConfig, "embed"),
+    "train-clip": (TrainClipConfig, "clip"),
+    "train-prior": (PriorConfig, "prior"),
+    "train-decoder": (DecoderConfig, "decoder"),
+    "train-upsampler": (UpsamplerConfig, "upsampler"),
+    "sample": (SampleConfig, "sample"),
+    "eval": (EvalConfig, "eval"),
+}

@@ -1,0 +1,236 @@
+"""Storage on local disk and on a real S3 endpoint (moto): round trips, listing, atomic publishing,
+and errors that name the URL without leaking a credential."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pyarrow.fs as pafs
+import pytest
+from conftest import FAKE_KEY_ID, FAKE_SECRET, Root, free_port
+
+from pipeline.storage import (
+    Secret,
+    Storage,
+    StorageError,
+    StorageNotFoundError,
+    StorageOptions,
+    join,
+    redact_url,
+    resolve,
+)
+
+
+def test_round_trip(storage_root: Root) -> None:
+    s, root = storage_root.storage, storage_root.url
+    s.write_bytes(join(root, "a/b.bin"), b"\x00\x01payload")
+    s.write_json(join(root, "a/meta.json"), {"rows": 3, "name": "shard-0"})
+    s.write_text(join(root, "c.txt"), "héllo")
+    assert s.read_bytes(join(root, "a/b.bin")) == b"\x00\x01payload"
+    assert s.read_json(join(root, "a/meta.json")) == {"rows": 3, "name": "shard-0"}
+    assert s.read_text(join(root, "c.txt")) == "héllo"
+    assert s.size(join(root, "a/b.bin")) == 9
+    with s.open(join(root, "a/b.bin")) as handle:
+        assert handle.read(2) == b"\x00\x01"
+    # overwriting replaces the whole file
+    s.write_bytes(join(root, "a/b.bin"), b"new")
+    assert s.read_bytes(join(root, "a/b.bin")) == b"new"
+
+
+def test_missing_file_names_the_url(storage_root: Root) -> None:
+    url = join(storage_root.url, "nothing/here.json")
+    assert not storage_root.storage.exists(url)
+    with pytest.raises(StorageNotFoundError) as info:
+        storage_root.storage.read_json(url)
+    assert url in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_listing(storage_root: Root) -> None:
+    s, root = storage_root.storage, storage_root.url
+    for name in ("b.tar", "a.tar", "sub/c.tar", "sub/deeper/d.tar", "a.parquet"):
+        s.write_bytes(join(root, name), b"x")
+    assert s.list(root) == [join(root, n) for n in ("a.parquet", "a.tar", "b.tar", "sub")]
+    assert s.list(join(root, "does-not-exist")) == []
+    assert s.glob(join(root, "*.tar")) == [join(root, "a.tar"), join(root, "b.tar")]
+    assert s.glob(join(root, "**/*.tar"))[-1] == join(root, "sub/deeper/d.tar")
+    assert len(s.glob(join(root, "**/*.tar"))) == 4
+    assert s.isdir(join(root, "sub")) and not s.isdir(join(root, "a.tar"))
+    s.remove(join(root, "sub"), recursive=True)
+    assert not s.exists(join(root, "sub/c.tar"))
+
+
+def test_arrow_filesystem_sees_what_fsspec_wrote(storage_root: Root) -> None:
+    s, root = storage_root.storage, storage_root.url
+    s.write_bytes(join(root, "x/data.bin"), b"12345")
+    fs, path = s.arrow_filesystem(join(root, "x/data.bin"))
+    with fs.open_input_stream(path) as stream:
+        assert stream.read() == b"12345"
+    dir_fs, dir_path = s.arrow_filesystem(join(root, "x"))
+    infos = dir_fs.get_file_info(pafs.FileSelector(dir_path))
+    assert [i.base_name for i in infos] == ["data.bin"]
+
+
+def test_failed_write_leaves_nothing(storage_root: Root) -> None:
+    s, url = storage_root.storage, join(storage_root.url, "out/file.bin")
+    with pytest.raises(RuntimeError, match="boom"), s.open_atomic(url) as handle:
+        handle.write(b"x" * 1000)
+        raise RuntimeError("boom")
+    assert not s.exists(url)
+    assert s.list(join(storage_root.url, "out")) == []
+
+
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline.storage import Storage, StorageOptions
+    storage = Storage(StorageOptions(endpoint_url=os.environ.get("TEST_ENDPOINT") or None))
+    mode, url = sys.argv[1], sys.argv[2]
+    if mode == "file":
+        with storage.open_atomic(url) as handle:
+            for _ in range(8):
+                handle.write(os.urandom(1 << 20))
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        with storage.commit_dir(url) as staging:
+            storage.write_bytes(staging + "/weights.safetensors", b"w" * 4096)
+            storage.write_json(staging + "/state.json", {"step": 10})
+            os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def _run_killed_writer(root: Root, mode: str, url: str) -> None:
+    env = dict(os.environ, TEST_ENDPOINT=root.storage.options.endpoint_url or "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, mode, url], env=env, capture_output=True, timeout=120
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+
+
+def test_writer_killed_before_commit_leaves_no_file(storage_root: Root) -> None:
+    s, folder = storage_root.storage, join(storage_root.url, "shards")
+    s.write_bytes(join(folder, "done.bin"), b"complete")
+    _run_killed_writer(storage_root, "file", join(folder, "partial.bin"))
+    assert not s.exists(join(folder, "partial.bin"))
+    assert s.list(folder) == [join(folder, "done.bin")]
+
+
+def test_writer_killed_before_commit_leaves_no_directory(storage_root: Root) -> None:
+    s, runs = storage_root.storage, join(storage_root.url, "checkpoints")
+    with s.commit_dir(join(runs, "step-5")) as staging:
+        s.write_bytes(join(staging, "weights.safetensors"), b"w" * 10)
+    _run_killed_writer(storage_root, "dir", join(runs, "step-10"))
+    assert not s.is_committed(join(runs, "step-10"))
+    assert s.committed_children(runs) == [join(runs, "step-5")]
+    assert s.committed_files(join(runs, "step-5")) == {"weights.safetensors": 10}
+    # the same commit can be made again: the dead writer's leftovers are cleared first
+    with s.commit_dir(join(runs, "step-10")) as staging:
+        s.write_json(join(staging, "state.json"), {"step": 10})
+    assert s.committed_children(runs) == [join(runs, "step-10"), join(runs, "step-5")]
+    assert set(s.committed_files(join(runs, "step-10"))) == {"state.json"}
+
+
+def test_commit_dir_is_all_or_nothing(storage_root: Root) -> None:
+    s, url = storage_root.storage, join(storage_root.url, "ckpt/step-1")
+    with pytest.raises(ValueError, match="half"), s.commit_dir(url) as staging:
+        s.write_bytes(join(staging, "a.bin"), b"a")
+        raise ValueError("half written")
+    assert not s.is_committed(url)
+    assert not s.exists(join(url, "a.bin"))
+    with s.commit_dir(url) as staging:
+        s.write_bytes(join(staging, "a.bin"), b"a")
+        s.write_bytes(join(staging, "nested/b.bin"), b"bb")
+    assert s.committed_files(url) == {"a.bin": 1, "nested/b.bin": 2}
+    assert s.read_bytes(join(url, "nested/b.bin")) == b"bb"
+    with pytest.raises(StorageError, match="already committed"), s.commit_dir(url):
+        pass
+
+
+def _assert_no_credentials(text: str) -> None:
+    assert FAKE_SECRET not in text
+    assert FAKE_KEY_ID not in text
+
+
+def test_missing_bucket_is_a_clear_error(s3_endpoint: str, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    storage = Storage(
+        StorageOptions(
+            endpoint_url=s3_endpoint,
+            access_key_id=Secret(FAKE_KEY_ID),
+            secret_access_key=Secret(FAKE_SECRET),
+        )
+    )
+    url = "s3://no-such-bucket-unclip/embeddings/manifest.json"
+    for op in (
+        lambda: storage.check(url),
+        lambda: storage.read_json(url),
+        lambda: storage.write_bytes(url, b"x"),
+        lambda: storage.list("s3://no-such-bucket-unclip/x"),
+    ):
+        with pytest.raises(StorageError) as info:
+            op()
+        message = str(info.value)
+        assert "bucket 'no-such-bucket-unclip' does not exist" in message
+        assert "s3://no-such-bucket-unclip/" in message and s3_endpoint in message
+        _assert_no_credentials(message)
+    _assert_no_credentials(caplog.text)
+    _assert_no_credentials(repr(storage) + repr(storage.options))
+
+
+def test_unreachable_endpoint_is_a_clear_error(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    storage = Storage(
+        StorageOptions(
+            endpoint_url=endpoint,
+            access_key_id=Secret(FAKE_KEY_ID),
+            secret_access_key=Secret(FAKE_SECRET),
+            max_attempts=1,
+            connect_timeout_s=2,
+        )
+    )
+    url = "s3://bucket-x/runs/quickstart"
+    for op in (lambda: storage.check(url, write=True), lambda: storage.read_bytes(url + "/a")):
+        with pytest.raises(StorageError) as info:
+            op()
+        message = str(info.value)
+        assert message.startswith("cannot ")
+        assert "s3://bucket-x/runs/quickstart" in message
+        assert f"storage endpoint {endpoint} is unreachable" in message
+        _assert_no_credentials(message)
+    _assert_no_credentials(caplog.text)
+
+
+def test_check_passes_on_a_usable_root(storage_root: Root) -> None:
+    storage_root.storage.check(storage_root.url, write=True)
+    assert storage_root.storage.list(storage_root.url) == []  # the write probe is removed
+
+
+def test_fresh_bucket_per_test(s3_bucket: str) -> None:
+    storage = Storage()
+    assert storage.list(s3_bucket) == []
+    storage.write_bytes(join(s3_bucket, "marker"), b"1")  # the next test's bucket is a new one
+
+
+def test_file_urls_and_paths_are_the_same_place(tmp_path) -> None:
+    storage = Storage()
+    storage.write_text(f"file://{tmp_path}/x/y.txt", "same")
+    assert storage.read_text(str(tmp_path / "x" / "y.txt")) == "same"
+    assert storage.list(f"file://{tmp_path}/x") == [f"file://{tmp_path}/x/y.txt"]
+
+
+def test_url_helpers() -> None:
+    assert join("s3://b/root/", "a", "/b/") == "s3://b/root/a/b"
+    assert resolve("s3://b/root", "shards") == "s3://b/root/shards"
+    assert resolve("s3://b/root", "s3://other/x") == "s3://other/x"
+    assert resolve("runs/q", "/abs/path") == "/abs/path"
+    assert redact_url("http://user:pw@minio:9000/x") == "http://minio:9000/x"
+    assert "pw" not in repr(Secret("pw")) and Secret("pw").reveal() == "pw"
+    with pytest.raises(StorageError, match="unsupported URL scheme 'gs'"):
+        Storage().exists("gs://bucket/x")
