@@ -12,6 +12,8 @@ from collections.abc import Sequence
 # command → (module under jobs/, one line of help). Modules import lazily: `unclip --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("quickstart", "the whole pipeline on the built-in tiny config, on this machine"),
+    "synth": ("synth", "write the synthetic captioned-shapes dataset as webdataset shards"),
+    "ingest": ("ingest", "download an image-text URL list into webdataset shards (img2dataset)"),
     "config": ("show_config", "check a stage's config and print it resolved"),
 }
 

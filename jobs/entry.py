@@ -33,6 +33,8 @@ class Stage:
     config_cls: type
     default_config: str | None  # relative to configs/
     run: Callable[[Any], Any] | None = None
+    # command-line flags that stand for an override: (flag, override, help)
+    flags: tuple[tuple[str, str, str], ...] = ()
 
     def default_config_path(self) -> str | None:
         if self.default_config is None:
@@ -62,6 +64,10 @@ def build_parser(stage: Stage, prog: str) -> argparse.ArgumentParser:
         "--help-config", action="store_true", help="list every config key with its default"
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    for flag, override, text in stage.flags:
+        parser.add_argument(
+            flag, action="append_const", const=override, dest="flag_overrides", help=text
+        )
     return parser
 
 
@@ -98,7 +104,8 @@ def run_stage(stage: Stage, argv: Sequence[str] | None = None, prog: str | None 
         return 0
     setup_logging(args.verbose)
     try:
-        cfg = load_stage_config(stage, args.config, args.overrides)
+        overrides = [*args.overrides, *(getattr(args, "flag_overrides", None) or [])]
+        cfg = load_stage_config(stage, args.config, overrides)
     except configlib.ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

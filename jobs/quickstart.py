@@ -41,6 +41,8 @@ def stage_configs(cfg: QuickstartConfig) -> dict[str, StageConfig]:
 
 
 def run(cfg: QuickstartConfig) -> int:
+    from pipeline import synth
+
     started = time.time()
     storage = Storage(cfg.storage)
     configs = stage_configs(cfg)  # every stage's config is checked before anything runs
@@ -49,14 +51,25 @@ def run(cfg: QuickstartConfig) -> int:
     saved = join(cfg.root, "configs")
     for name, stage_cfg in configs.items():
         storage.write_text(join(saved, f"{name}.yaml"), configlib.dumps(stage_cfg))
-    print(
-        f"\nunclip quickstart ({time.time() - started:.0f} s)\n"
-        f"  storage root     {cfg.root}\n"
-        f"  Ray              local, {resources.get('CPU', 0):.0f} CPUs\n"
-        f"  stage configs    {len(configs)} checked and saved under {saved}/\n"
-        "  stages run       none yet: data, embeddings, training and sampling stages are "
-        "added by the following issues\n"
+    report = [
+        ("storage root", cfg.root),
+        ("Ray", f"local, {resources.get('CPU', 0):.0f} CPUs"),
+        ("stage configs", f"{len(configs)} checked and saved under {saved}/"),
+    ]
+
+    data = synth.generate(configs["synth"], storage)
+    report.append(
+        (
+            "synthetic data",
+            f"{data['samples']} captioned images in {data['shards']} shards at {data['output']}",
+        )
     )
+    report.append(
+        ("not yet built", "embeddings, trainings, sampling and evaluation (the following issues)")
+    )
+    width = max(len(name) for name, _ in report)
+    lines = "\n".join(f"  {name:<{width}}  {text}" for name, text in report)
+    print(f"\nunclip quickstart finished in {time.time() - started:.0f} s\n{lines}\n")
     return 0
 
 

@@ -164,6 +164,81 @@ class TrainStageConfig(StageConfig):
 
 
 @dataclass
+class SynthConfig(StageConfig):
+    """``unclip synth``: the captioned-shapes dataset, written as webdataset shards."""
+
+    output: str = param("shards", "where the shards go")
+    num_samples: int = param(4000, "images in the dataset", ge=1)
+    samples_per_shard: int = param(500, "images per shard", ge=1)
+    image_size: int = param(256, "image side in pixels", ge=16, le=1024)
+    seed: int = param(0, "the same seed gives the same bytes")
+    split: Literal["train", "heldout"] = param(
+        "train", "train: never the holdout pairs; heldout: every image has one of them"
+    )
+    holdout: list[str] = param(
+        factory=lambda: ["red star", "blue triangle", "green cross"],
+        doc="'colour shape' pairs kept out of the train split, to test generalisation",
+    )
+    max_objects: int = param(2, "objects per image (1 or 2)", ge=1, le=2)
+    two_tone_prob: float = param(0.3, "fraction of images with a two-tone background", ge=0, le=1)
+    jpeg_quality: int = param(95, "JPEG quality of the stored images", ge=1, le=100)
+
+    def holdout_pairs(self) -> frozenset[tuple[str, str]]:
+        return frozenset(tuple(p.split()) for p in self.holdout)  # type: ignore[misc]
+
+    def validate(self) -> None:
+        super().validate()
+        from pipeline.shapes import COLORS, SHAPES
+
+        for i, pair in enumerate(self.holdout):
+            words = pair.split()
+            require(
+                len(words) == 2 and words[0] in COLORS and words[1] in SHAPES,
+                f"holdout[{i}]",
+                f"expected 'colour shape' with a colour in {', '.join(COLORS)} and a shape in "
+                f"{', '.join(SHAPES)}, got {pair!r}",
+            )
+        require(
+            self.split == "train" or bool(self.holdout),
+            "holdout",
+            "the heldout split needs at least one pair",
+        )
+
+
+@dataclass
+class IngestConfig(StageConfig):
+    """``unclip ingest``: download an image-text URL list into webdataset shards with img2dataset."""
+
+    input: str = param(
+        "urls.parquet", "URL list: a csv, tsv, parquet, txt or jsonl file, or a folder"
+    )
+    input_format: Literal["auto", "csv", "tsv", "tsv.gz", "parquet", "txt", "json", "jsonl"] = (
+        param("auto", "format of the URL list (auto: from the file extension)")
+    )
+    url_col: str = param("url", "column with the image URL")
+    caption_col: str | None = param("caption", "column with the caption (null: none)")
+    output: str = param("shards", "where the shards go")
+    image_size: int = param(256, "images are resized to this side", ge=8)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = param(
+        "center_crop", "img2dataset resize mode"
+    )
+    encode_format: Literal["jpg", "png", "webp"] = param("jpg", "stored image format")
+    encode_quality: int = param(95, "JPEG/WebP quality (PNG: compression level 0-9)", ge=0, le=100)
+    samples_per_shard: int = param(10000, "URLs per shard", ge=1)
+    processes: int = param(1, "download processes per node", ge=1)
+    threads: int = param(64, "download threads per process", ge=1)
+    timeout_s: float = param(10.0, "seconds before a download is abandoned", gt=0)
+    retries: int = param(0, "immediate retries of a failed download", ge=0)
+    distributor: Literal["auto", "multiprocessing", "ray"] = param(
+        "auto", "auto: ray when running on a Ray cluster, multiprocessing on one machine"
+    )
+    retry_failed: bool = param(
+        False,
+        "instead of the URL list, retry the samples that failed with a transient error",
+    )
+
+
+@dataclass
 class EmbedConfig(StageConfig):
     """``unclip embed``: open_clip image and text embeddings of webdataset shards into the store."""
 
@@ -264,6 +339,8 @@ class EvalConfig(StageConfig):
 
 # stage → (config class, folder under configs/ holding its YAML files, one per size)
 STAGE_CONFIGS: dict[str, tuple[type[StageConfig], str]] = {
+    "synth": (SynthConfig, "synth"),
+    "ingest": (IngestConfig, "ingest"),
     "embed": (EmbedConfig, "embed"),
     "train-clip": (TrainClipConfig, "clip"),
     "train-prior": (PriorConfig, "prior"),

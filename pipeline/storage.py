@@ -191,6 +191,21 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or _TMP_TAG in name
 
 
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (and processes it starts), then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 
@@ -309,6 +324,21 @@ class Storage:
         return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None}), url.split(
             "://", 1
         )[1]
+
+    def aws_environment(self) -> dict[str, str]:
+        """The configured endpoint, region and credentials as standard AWS environment variables,
+        for third-party clients (img2dataset, Ray workers) that read only those. Only values set in
+        the options are included; pass them to processes, never to a log."""
+        o = self.options
+        key, secret = self._s3_credentials()
+        values = {
+            "AWS_ENDPOINT_URL": o.endpoint_url,
+            "AWS_DEFAULT_REGION": o.region,
+            "AWS_PROFILE": o.profile,
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+        }
+        return {k: v for k, v in values.items() if v}
 
     # -- error translation ---------------------------------------------------------------------
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.storage import Storage, StorageOptions
+from pipeline.storage import Storage, StorageOptions, patched_environ
 
 # Dummy credentials for moto; tests assert that these never appear in messages or logs.
 FAKE_KEY_ID = "AKIAUNCLIPTESTKEYID0"
@@ -61,16 +60,10 @@ def s3_endpoint() -> Iterator[str]:
         "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield endpoint
+        with patched_environ(env):
+            yield endpoint
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         proc.terminate()
         try:
             proc.wait(timeout=10)

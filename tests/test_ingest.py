@@ -1,0 +1,217 @@
+"""img2dataset ingestion against a local HTTP server with good, missing, corrupt, slow and flaky URLs,
+on local disk and on the S3 endpoint: good images land, bad ones are counted with their error, a rerun
+is incremental, and --retry-failed lands a once-failed URL exactly once."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import Root
+from PIL import Image
+
+from jobs import ingest as ingest_job
+from pipeline import ingest
+from pipeline.shards import completed_shards, iter_tar_samples, shard_urls
+from pipeline.stage_config import IngestConfig
+
+GOOD, MISSING, CORRUPT = 12, 3, 3
+
+
+def _jpeg(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    image = rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class ImageServer(ThreadingHTTPServer):
+    """/good/N.jpg, /missing/N.jpg (404), /corrupt/N.jpg (garbage), /slow.jpg (past the timeout),
+    /flaky.jpg (503 on the first request, an image afterwards). Counts requests per path."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.hits: Counter = Counter()
+        self.release = threading.Event()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ImageServer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "image/jpeg") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        path = self.path
+        self.server.hits[path] += 1
+        if path.startswith("/good/"):
+            self._send(200, _jpeg(int(path.split("/")[-1].split(".")[0])))
+        elif path.startswith("/corrupt/"):
+            self._send(200, b"\xff\xd8\xff this is not a jpeg " * 20)
+        elif path == "/slow.jpg":
+            self.server.release.wait(timeout=4)  # longer than the client's timeout
+            self._send(200, _jpeg(999))
+        elif path == "/flaky.jpg" and self.server.hits[path] == 1:
+            self._send(503, b"busy", "text/plain")
+        elif path == "/flaky.jpg":
+            self._send(200, _jpeg(777))
+        else:
+            self._send(404, b"not found", "text/plain")
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def _url_list(tmp_path, base: str) -> str:
+    rows = [(f"{base}/good/{i}.jpg", f"good image {i}") for i in range(GOOD)]
+    rows += [(f"{base}/missing/{i}.jpg", f"missing {i}") for i in range(MISSING)]
+    rows += [(f"{base}/corrupt/{i}.jpg", f"corrupt {i}") for i in range(CORRUPT)]
+    rows += [(f"{base}/slow.jpg", "slow"), (f"{base}/flaky.jpg", "flaky")]
+    path = str(tmp_path / "urls.parquet")
+    pq.write_table(pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}), path)
+    return path
+
+
+def _all_samples(root: Root, folder: str) -> list[dict]:
+    out = []
+    for shard in completed_shards(root.storage, folder):
+        out.extend(iter_tar_samples(root.storage, shard_urls(folder, shard)["tar"]))
+    return out
+
+
+def test_ingest_counts_failures_reruns_incrementally_and_retries(
+    storage_root: Root, image_server: ImageServer, tmp_path, capsys
+) -> None:
+    base = image_server.base
+    cfg = IngestConfig(
+        root=storage_root.url,
+        storage=storage_root.storage.options,
+        input=_url_list(tmp_path, base),
+        output="shards",
+        image_size=32,
+        samples_per_shard=8,
+        processes=1,
+        threads=4,
+        timeout_s=1.5,
+        distributor="multiprocessing",
+    )
+    folder = cfg.url("shards")
+    summary = ingest.ingest(cfg, storage_root.storage)
+
+    total = GOOD + MISSING + CORRUPT + 2
+    assert (summary["tried"], summary["written"], summary["failed"]) == (total, GOOD, total - GOOD)
+    assert summary["failed_transient"] == 2  # the slow one (timeout) and the flaky one (503)
+    errors = {e["error"]: e["count"] for e in summary["top_errors"]}
+    assert errors.get("HTTP Error 404: Not Found") == MISSING
+    assert any("503" in e for e in errors)
+    assert any("timed out" in e.lower() for e in errors)
+    assert sum(errors.values()) == total - GOOD
+    saved = storage_root.storage.read_json(f"{folder}/_summary/ingest.json")
+    assert saved["written"] == GOOD
+
+    samples = _all_samples(storage_root, folder)
+    assert sorted(s["txt"].decode() for s in samples) == sorted(
+        f"good image {i}" for i in range(GOOD)
+    )
+    assert len({s["__key__"] for s in samples}) == GOOD
+    for sample in samples:
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
+    before = {
+        i: storage_root.storage.read_bytes(shard_urls(folder, i)["tar"])
+        for i in completed_shards(storage_root.storage, folder)
+    }
+
+    # A rerun finds every shard complete and downloads nothing.
+    hits = sum(image_server.hits.values())
+    assert ingest.ingest(cfg, storage_root.storage)["written"] == GOOD
+    assert sum(image_server.hits.values()) == hits
+
+    # --retry-failed asks again for the two transient failures only; the flaky one now lands.
+    image_server.release.clear()
+    assert ingest_job.main([f"root={cfg.root}", *_overrides(cfg), "--retry-failed"]) == 0
+    assert "retry: 2 samples tried again" in capsys.readouterr().out
+    assert image_server.hits["/flaky.jpg"] == 2 and image_server.hits["/slow.jpg"] == 2
+    assert all(image_server.hits[f"/missing/{i}.jpg"] == 1 for i in range(MISSING))
+    samples = _all_samples(storage_root, folder)
+    captions = Counter(s["txt"].decode() for s in samples)
+    assert captions["flaky"] == 1 and "slow" not in captions
+    assert len({s["__key__"] for s in samples}) == len(samples) == GOOD + 1
+    for shard_id, data in before.items():  # completed shards are never touched
+        assert storage_root.storage.read_bytes(shard_urls(folder, shard_id)["tar"]) == data
+
+    # Retrying again: the flaky URL has succeeded and is not asked for; it stays exactly once.
+    summary = ingest.retry_failed(cfg, storage_root.storage)
+    assert summary["retried"] == 1 and image_server.hits["/flaky.jpg"] == 2
+    assert (summary["written"], summary["failed"], summary["failed_transient"]) == (GOOD + 1, 7, 1)
+    assert Counter(s["txt"].decode() for s in _all_samples(storage_root, folder))["flaky"] == 1
+
+
+def _overrides(cfg: IngestConfig) -> list[str]:
+    out = [
+        f"input={cfg.input}",
+        "image_size=32",
+        "samples_per_shard=8",
+        "processes=1",
+        "threads=4",
+        "timeout_s=1.5",
+        "distributor=multiprocessing",
+    ]
+    if cfg.storage.endpoint_url:
+        out.append(f"storage.endpoint_url={cfg.storage.endpoint_url}")
+    return out
+
+
+def test_transient_errors() -> None:
+    for message in (
+        "HTTP Error 503: Service Unavailable",
+        "<urlopen error timed out>",
+        "The read operation timed out",
+        "<urlopen error [Errno 111] Connection refused>",
+        "Remote end closed connection without response",
+        "HTTP Error 429: Too Many Requests",
+    ):
+        assert ingest.is_transient(message), message
+    for message in (
+        "HTTP Error 404: Not Found",
+        "HTTP Error 403: Forbidden",
+        "Image decoding error",
+        None,
+    ):
+        assert not ingest.is_transient(message), message
+
+
+def test_missing_url_list_is_a_clear_error(tmp_path, capsys) -> None:
+    code = ingest_job.main([f"root={tmp_path}", "input=nowhere/urls.csv"])
+    assert code == 1
+    assert f"URL list {tmp_path}/nowhere/urls.csv does not exist" in capsys.readouterr().err
