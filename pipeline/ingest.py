@@ -70,6 +70,11 @@ def _distributor(cfg: IngestConfig) -> str:
 def _download(cfg: IngestConfig, storage: Storage, url_list: str, fmt: str, mode: str) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
+    import s3fs
+
+    # img2dataset lists done shards through fsspec's cached s3fs instance, whose listings may predate
+    # changes made since in this process (a removed partial shard): give it a fresh one.
+    s3fs.S3FileSystem.clear_instance_cache()
 
     distributor = _distributor(cfg)
     if distributor == "ray":

@@ -19,7 +19,8 @@ from PIL import Image
 
 from jobs import ingest as ingest_job
 from pipeline import ingest
-from pipeline.shards import completed_shards, iter_tar_samples, shard_urls
+from pipeline.errors import UserFacingError
+from pipeline.shards import completed_shards, iter_tar_samples, read_parquet_rows, shard_urls
 from pipeline.stage_config import IngestConfig
 
 GOOD, MISSING, CORRUPT = 12, 3, 3
@@ -94,13 +95,17 @@ def image_server() -> Iterator[ImageServer]:
 
 
 def _url_list(tmp_path, base: str) -> str:
+    """A folder of two csv files, as users hand over URL lists."""
     rows = [(f"{base}/good/{i}.jpg", f"good image {i}") for i in range(GOOD)]
     rows += [(f"{base}/missing/{i}.jpg", f"missing {i}") for i in range(MISSING)]
     rows += [(f"{base}/corrupt/{i}.jpg", f"corrupt {i}") for i in range(CORRUPT)]
     rows += [(f"{base}/slow.jpg", "slow"), (f"{base}/flaky.jpg", "flaky")]
-    path = str(tmp_path / "urls.parquet")
-    pq.write_table(pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}), path)
-    return path
+    folder = tmp_path / "urls"
+    folder.mkdir()
+    for part, chunk in enumerate((rows[:10], rows[10:])):
+        lines = ["url,caption", *(f"{url},{caption}" for url, caption in chunk)]
+        (folder / f"part-{part}.csv").write_text("\n".join(lines) + "\n")
+    return str(folder)
 
 
 def _all_samples(root: Root, folder: str) -> list[dict]:
@@ -147,15 +152,25 @@ def test_ingest_counts_failures_reruns_incrementally_and_retries(
     assert len({s["__key__"] for s in samples}) == GOOD
     for sample in samples:
         assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
-    before = {
-        i: storage_root.storage.read_bytes(shard_urls(folder, i)["tar"])
-        for i in completed_shards(storage_root.storage, folder)
-    }
 
     # A rerun finds every shard complete and downloads nothing.
     hits = sum(image_server.hits.values())
     assert ingest.ingest(cfg, storage_root.storage)["written"] == GOOD
     assert sum(image_server.hits.values()) == hits
+
+    # Interrupted in shard 1 (its stats never written): the rerun redoes that shard alone.
+    shard_1 = read_parquet_rows(storage_root.storage, folder, [1]).column("url").to_pylist()
+    storage_root.storage.remove(shard_urls(folder, 1)["stats"])
+    assert ingest.ingest(cfg, storage_root.storage)["written"] == GOOD
+    assert sum(image_server.hits.values()) == hits + len(shard_1)  # that shard's URLs only
+    assert {s["__key__"] for s in _all_samples(storage_root, folder)} == {
+        s["__key__"] for s in samples
+    }
+
+    before = {
+        i: storage_root.storage.read_bytes(shard_urls(folder, i)["tar"])
+        for i in completed_shards(storage_root.storage, folder)
+    }
 
     # --retry-failed asks again for the two transient failures only; the flaky one now lands.
     image_server.release.clear()
@@ -190,6 +205,40 @@ def _overrides(cfg: IngestConfig) -> list[str]:
     if cfg.storage.endpoint_url:
         out.append(f"storage.endpoint_url={cfg.storage.endpoint_url}")
     return out
+
+
+def test_ray_distributor_on_the_local_cluster(ray_local, image_server, tmp_path) -> None:
+    """On a Ray cluster the downloads run as Ray tasks (img2dataset's ray distributor)."""
+    rows = [(f"{image_server.base}/good/{i}.jpg", f"good image {i}") for i in range(6)]
+    rows.append((f"{image_server.base}/missing/0.jpg", "missing"))
+    url_list = str(tmp_path / "urls.parquet")
+    pq.write_table(
+        pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}), url_list
+    )
+    cfg = IngestConfig(
+        root=str(tmp_path / "root"),
+        input=url_list,
+        image_size=32,
+        samples_per_shard=4,
+        threads=4,
+        timeout_s=2,
+        distributor="ray",
+    )
+    summary = ingest.ingest(cfg)
+    assert (summary["shards"], summary["written"], summary["failed"]) == (2, 6, 1)
+
+
+def test_url_list_formats(tmp_path) -> None:
+    from pipeline.storage import Storage
+
+    (tmp_path / "a.tsv").write_text("url\tcaption\n")
+    assert ingest.detect_format(Storage(), str(tmp_path / "a.tsv")) == "tsv"
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "x.parquet").write_bytes(b"")
+    assert ingest.detect_format(Storage(), str(tmp_path / "dir")) == "parquet"
+    (tmp_path / "urls.xlsx").write_bytes(b"")
+    with pytest.raises(UserFacingError, match=r"urls\.xlsx: expected files ending in"):
+        ingest.detect_format(Storage(), str(tmp_path / "urls.xlsx"))
 
 
 def test_transient_errors() -> None:
