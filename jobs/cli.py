@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("quickstart", "the whole pipeline on the built-in tiny config, on this machine"),
     "synth": ("synth", "write the synthetic captioned-shapes dataset as webdataset shards"),
     "ingest": ("ingest", "download an image-text URL list into webdataset shards (img2dataset)"),
+    "embed": ("embed", "CLIP image and text embeddings of the shards into the embedding store"),
     "config": ("show_config", "check a stage's config and print it resolved"),
 }
 

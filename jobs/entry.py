@@ -33,7 +33,8 @@ class Stage:
     config_cls: type
     default_config: str | None  # relative to configs/
     run: Callable[[Any], Any] | None = None
-    # command-line flags that stand for an override: (flag, override, help)
+    # command-line flags that stand for an override: (flag, override, help); an override with "{}"
+    # takes the flag's value, e.g. ("--import-clip-retrieval", "import_clip_retrieval={}", "...")
     flags: tuple[tuple[str, str, str], ...] = ()
 
     def default_config_path(self) -> str | None:
@@ -65,9 +66,19 @@ def build_parser(stage: Stage, prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     for flag, override, text in stage.flags:
-        parser.add_argument(
-            flag, action="append_const", const=override, dest="flag_overrides", help=text
-        )
+        if "{}" in override:
+            parser.add_argument(
+                flag,
+                type=override.format,
+                action="append",
+                dest="flag_overrides",
+                metavar="VALUE",
+                help=text,
+            )
+        else:
+            parser.add_argument(
+                flag, action="append_const", const=override, dest="flag_overrides", help=text
+            )
     return parser
 
 

@@ -41,7 +41,7 @@ def stage_configs(cfg: QuickstartConfig) -> dict[str, StageConfig]:
 
 
 def run(cfg: QuickstartConfig) -> int:
-    from pipeline import synth
+    from pipeline import embed, synth
 
     started = time.time()
     storage = Storage(cfg.storage)
@@ -64,8 +64,19 @@ def run(cfg: QuickstartConfig) -> int:
             f"{data['samples']} captioned images in {data['shards']} shards at {data['output']}",
         )
     )
+    store = embed.run_embedding(configs["embed"], storage)
     report.append(
-        ("not yet built", "embeddings, trainings, sampling and evaluation (the following issues)")
+        (
+            "embeddings",
+            f"{store['rows']} rows ({store['skipped']} skipped) by {store['clip']} at {store['store']}",
+        )
+    )
+    report.append(
+        (
+            "not yet built",
+            "CLIP training (the embeddings use a random tiny CLIP until then), the prior, decoder "
+            "and upsampler trainings, sampling and evaluation (the following issues)",
+        )
     )
     width = max(len(name) for name, _ in report)
     lines = "\n".join(f"  {name:<{width}}  {text}" for name, text in report)

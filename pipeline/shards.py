@@ -175,12 +175,11 @@ def iter_tar_samples(storage: Storage, url: str) -> Iterator[dict[str, Any]]:
                 continue
             name = os.path.basename(member.name)
             key, _, ext = name.partition(".")
-            data = tar.extractfile(member).read()
             if current is None or current["__key__"] != key:
                 if current is not None:
-                    yield current
+                    yield current  # before reading on: a truncated next member loses only itself
                 current = {"__key__": key}
-            current[ext] = data
+            current[ext] = tar.extractfile(member).read()
         if current is not None:
             yield current
 

@@ -244,11 +244,22 @@ class EmbedConfig(StageConfig):
 
     shards: str = param("shards", "webdataset shards to encode (folder, glob or brace pattern)")
     store: str = param("embeddings", "embedding store root; the store is <store>/<clip-id>")
+    clip_id: str | None = param(
+        None, "the store's folder name under <store> (null: derived from the CLIP's identity)"
+    )
     clip: ClipSource = param(factory=ClipSource, doc="the CLIP to encode with")
     batch_size: int = param(64, "samples per encoder call", ge=1)
     concurrency: int = param(1, "encoder actors", ge=1)
     gpus_per_actor: float = param(0.0, "GPUs per encoder actor (0: CPU)", ge=0)
+    cpus_per_actor: float = param(1.0, "CPUs reserved per encoder actor", gt=0)
+    threads_per_actor: int | None = param(
+        None, "torch threads per encoder actor (null: Ray's default, one per reserved CPU)", ge=1
+    )
     precision: Precision = param("auto", "auto: fp16 on GPU, fp32 on CPU")
+    import_clip_retrieval: str | None = param(
+        None,
+        "instead of encoding, import a clip-retrieval output folder (img_emb/, text_emb/, metadata/)",
+    )
 
 
 @dataclass

@@ -17,6 +17,7 @@ def test_quickstart_runs_the_built_stages(ray_local, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert f"storage root    {root}" in out
     assert f"4000 captioned images in 8 shards at {root}/shards" in out
+    assert "4000 rows (0 skipped) by tiny-clip--random" in out
     storage = Storage()
     expected = quickstart.stage_configs(quickstart.QuickstartConfig(root=root))
     for stage, (config_cls, _) in STAGE_CONFIGS.items():

@@ -1,0 +1,187 @@
+"""Loading an open_clip model from a :class:`ClipSource`, and naming it.
+
+A CLIP comes from an open_clip model name with a pretrained tag (``ViT-L-14`` + ``laion2b_s32b_b82k``),
+a local or ``s3://`` checkpoint (``.safetensors``, or a ``.pt`` loaded with ``weights_only=True``), or a
+model-config JSON that registers a custom architecture (the tests' tiny CLIP, or one that
+``unclip train-clip`` trained). Its *identity* names the embedding store: the model and tag, or the
+model and the checkpoint's sha256, so embeddings of two different CLIPs never share a store.
+
+Image preprocessing is the model's own (open_clip's validation transform), split in two: the resize
+and crop run where images are decoded (Ray Data read tasks, on CPU), the tensor conversion and
+normalisation where the model runs (the encoder actor, on GPU when present). Together they compute
+exactly what open_clip's transform computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserFacingError
+from pipeline.stage_config import ClipSource
+from pipeline.storage import Storage, is_local
+
+
+@dataclass(frozen=True)
+class ClipIdentity:
+    """What the embedding store records about the CLIP that made it."""
+
+    id: str  # the store's folder name
+    model: str
+    pretrained: str | None  # tag, or None for a checkpoint / random weights
+    checkpoint_sha256: str | None
+    model_config_sha256: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_path(pretrained: str) -> bool:
+    return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def register_model_config(source: ClipSource) -> None:
+    """Register ``source.model_config`` with open_clip (a JSON file named after the model)."""
+    if not source.model_config:
+        return
+    import open_clip
+
+    path = source.model_config
+    if not os.path.exists(path):
+        raise UserFacingError(
+            f"CLIP model config {path} does not exist (config key: clip.model_config)"
+        )
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name != source.model:
+        raise UserFacingError(
+            f"clip.model_config {path} registers the model {name!r}, but clip.model is {source.model!r}"
+        )
+    open_clip.add_model_config(path)
+
+
+def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> str | None:
+    """A local path to the checkpoint named by ``source.pretrained`` (downloaded if on S3), or None
+    when ``pretrained`` is an open_clip tag or unset. Relative paths are under the stage's root.
+
+    A checkpoint folder (a train-clip run) resolves to its latest committed checkpoint's weights.
+    """
+    if not source.pretrained or not _is_path(source.pretrained):
+        return None
+    from pipeline.storage import resolve
+
+    url = resolve(root, source.pretrained)
+    if storage.isdir(url):
+        url = latest_clip_weights(storage, url)
+    if not storage.exists(url):
+        raise UserFacingError(f"CLIP checkpoint {url} does not exist (config key: clip.pretrained)")
+    if is_local(url):
+        return url[len("file://") :] if url.startswith("file://") else url
+    suffix = os.path.splitext(url)[1] or ".bin"
+    local = os.path.join(tempfile.mkdtemp(prefix="unclip-clip-"), "checkpoint" + suffix)
+    with storage.open(url) as src, open(local, "wb") as dst:
+        while chunk := src.read(8 << 20):
+            dst.write(chunk)
+    return local
+
+
+def latest_clip_weights(storage: Storage, run_url: str) -> str:
+    """The ``clip.safetensors`` of the latest committed checkpoint under a train-clip run folder."""
+    from pipeline.storage import join
+
+    candidates = [run_url, *reversed(storage.committed_children(run_url))]
+    for folder in candidates:
+        weights = join(folder, "clip.safetensors")
+        if storage.exists(weights):
+            return weights
+    raise UserFacingError(f"{run_url} holds no committed CLIP checkpoint (clip.safetensors)")
+
+
+def identity(source: ClipSource, checkpoint: str | None) -> ClipIdentity:
+    """The CLIP's identity: model + tag, or model + checkpoint hash (+ config hash)."""
+    config_sha = _sha256_file(source.model_config)[:12] if source.model_config else None
+    if checkpoint:
+        sha = _sha256_file(checkpoint)
+        ident = f"{source.model}--ckpt-{sha[:12]}"
+        return ClipIdentity(ident, source.model, None, sha, config_sha)
+    if source.pretrained:
+        ident = f"{source.model}--{source.pretrained}"
+        return ClipIdentity(ident, source.model, source.pretrained, None, config_sha)
+    ident = f"{source.model}--random" + (f"-{config_sha}" if config_sha else "")
+    return ClipIdentity(ident, source.model, None, None, config_sha)
+
+
+def safe_id(ident: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", ident)
+
+
+@dataclass
+class LoadedClip:
+    model: Any  # open_clip.CLIP
+    tokenizer: Any
+    image_transform: Any  # PIL image -> PIL image (resize + crop), the model's own
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    context_length: int
+    embed_dim: int
+
+
+def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -> LoadedClip:
+    """Build the open_clip model, its tokenizer and its preprocessing, in eval mode."""
+    import open_clip
+    import torch
+    from torchvision import transforms as T
+
+    register_model_config(source)
+    if source.model not in open_clip.list_models():
+        raise UserFacingError(
+            f"unknown open_clip model {source.model!r} (config key: clip.model); "
+            "give clip.model_config for a custom architecture"
+        )
+    pretrained = checkpoint or source.pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            source.model, pretrained=pretrained, device=device, weights_only=True
+        )
+    except RuntimeError as exc:
+        raise UserFacingError(f"cannot load CLIP {source.model} from {pretrained}: {exc}") from None
+    model.eval().requires_grad_(False)
+    steps = list(preprocess.transforms)
+    normalize = steps[-1]
+    if not isinstance(normalize, T.Normalize) or "ToTensor" not in type(steps[-2]).__name__:
+        raise UserFacingError(f"unexpected preprocessing for {source.model}: {preprocess}")
+    pil_steps = steps[:-2]  # resize, crop, RGB conversion: all on PIL images
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, tuple | list) else int(image_size)
+    tokenizer = open_clip.get_tokenizer(source.model)
+    with torch.no_grad():
+        embed_dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
+    return LoadedClip(
+        model=model,
+        tokenizer=tokenizer,
+        image_transform=T.Compose(pil_steps),
+        mean=tuple(float(m) for m in normalize.mean),
+        std=tuple(float(s) for s in normalize.std),
+        image_size=image_size,
+        context_length=int(tokenizer.context_length),
+        embed_dim=embed_dim,
+    )
+
+
+def prepare_image(image_transform: Any, image: Any) -> np.ndarray:
+    """A PIL image → the model's resized, cropped RGB pixels, uint8 (H, W, 3)."""
+    return np.asarray(image_transform(image.convert("RGB")), dtype=np.uint8)

@@ -1,0 +1,292 @@
+"""The embedding store: CLIP image and text embeddings of a dataset, one file per source shard.
+
+Layout under ``<store root>/<clip-id>/``::
+
+    manifest.json          the CLIP's identity, embedding dim, dtype, normalisation, tokenizer context,
+                           the source shards' URL and, per completed source shard, rows and skips
+    shards/NNNNN.parquet   one file per source shard NNNNN.tar: key, caption, image_emb, text_emb
+                           (float16, L2-normalised), text_tokens (int32, the CLIP tokenizer's ids)
+    done/NNNNN.json        the shard's completion record, written after its parquet
+
+A source shard is in the store exactly when its ``done`` record exists: the parquet is written first
+(atomically), the record last, so a shard is absent or complete, never half there, and rewriting an
+incomplete one replaces the same file (no key twice). Every stage reads the completed shards: the prior
+as a Ray Dataset of columns (:meth:`EmbeddingStore.dataset`), the image stages by streaming each source
+tar beside its store file, matched by key (:func:`image_dataset`), with no join over the dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserFacingError
+from pipeline.shards import iter_tar_samples, shard_urls
+from pipeline.storage import Storage, basename, join
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDING_COLUMNS = ("key", "caption", "image_emb", "text_emb", "text_tokens")
+
+
+def store_schema(embed_dim: int, context_length: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("caption", pa.string()),
+            ("image_emb", pa.list_(pa.float16(), embed_dim)),
+            ("text_emb", pa.list_(pa.float16(), embed_dim)),
+            ("text_tokens", pa.list_(pa.int32(), context_length)),
+        ]
+    )
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def to_table(
+    keys: Sequence[str],
+    captions: Sequence[str],
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_tokens: np.ndarray,
+) -> pa.Table:
+    """Rows in the store's schema; embeddings are L2-normalised here and stored as float16."""
+    dim = image_emb.shape[1]
+    context = text_tokens.shape[1]
+
+    def fixed(values: np.ndarray, dtype: pa.DataType, width: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), dtype), width)
+
+    return pa.Table.from_arrays(
+        [
+            pa.array(list(keys), pa.string()),
+            pa.array(list(captions), pa.string()),
+            fixed(l2_normalize(image_emb).astype(np.float16), pa.float16(), dim),
+            fixed(l2_normalize(text_emb).astype(np.float16), pa.float16(), dim),
+            fixed(text_tokens.astype(np.int32), pa.int32(), context),
+        ],
+        schema=store_schema(dim, context),
+    )
+
+
+def column_array(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-size-list column as an (N, width) numpy array."""
+    column = table.column(name).combine_chunks()
+    width = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+class EmbeddingStore:
+    """One store: ``<store root>/<clip-id>``."""
+
+    def __init__(self, storage: Storage, url: str) -> None:
+        self.storage = storage
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({self.url!r})"
+
+    # -- locating ------------------------------------------------------------------------------
+
+    @classmethod
+    def locate(
+        cls, storage: Storage, store_root: str, clip_id: str | None = None
+    ) -> EmbeddingStore:
+        """The store under ``store_root`` named ``clip_id``, or the only one there."""
+        if clip_id:
+            store = cls(storage, join(store_root, clip_id))
+            if not storage.exists(join(store.url, MANIFEST)):
+                raise UserFacingError(f"no embedding store at {store.url} (run `unclip embed`)")
+            return store
+        found = [u for u in storage.list(store_root) if storage.exists(join(u, MANIFEST))]
+        if not found:
+            raise UserFacingError(f"no embedding store under {store_root} (run `unclip embed`)")
+        if len(found) > 1:
+            names = ", ".join(basename(u) for u in found)
+            raise UserFacingError(
+                f"several embedding stores under {store_root} ({names}): set clip_id"
+            )
+        return cls(storage, found[0])
+
+    # -- manifest ------------------------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any]:
+        return self.storage.read_json(join(self.url, MANIFEST))
+
+    def exists(self) -> bool:
+        return self.storage.exists(join(self.url, MANIFEST))
+
+    def open_for_writing(self, header: dict[str, Any]) -> None:
+        """Create the store, or check that an existing one was made by the same CLIP.
+
+        ``header`` holds the identity fields (clip, embed_dim, dtype, normalization, tokenizer).
+        A store made by another CLIP, or with other dims or tokenizer, is refused, not mixed.
+        """
+        if self.exists():
+            current = self.manifest()
+            for field in ("clip", "embed_dim", "dtype", "normalization", "tokenizer"):
+                if current.get(field) != header.get(field):
+                    raise UserFacingError(
+                        f"the embedding store at {self.url} was made with another CLIP: its "
+                        f"{field} is {current.get(field)!r}, this run's is {header.get(field)!r}; "
+                        "write to another store (store= or clip_id=) instead of mixing them"
+                    )
+            return
+        self.storage.write_json(
+            join(self.url, MANIFEST), {"format_version": FORMAT_VERSION, **header, "shards": {}}
+        )
+
+    def finalize_manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Rewrite the manifest's shard list from the completion records (one write per run)."""
+        manifest = self.manifest()
+        shards = self.completed()
+        manifest["shards"] = {
+            name: {k: rec[k] for k in ("rows", "skipped", "source") if k in rec}
+            for name, rec in sorted(shards.items())
+        }
+        manifest["rows"] = sum(rec["rows"] for rec in shards.values())
+        manifest["skipped"] = sum(sum(rec["skipped"].values()) for rec in shards.values())
+        manifest.update(extra or {})
+        self.storage.write_json(join(self.url, MANIFEST), manifest)
+        return manifest
+
+    # -- shards --------------------------------------------------------------------------------
+
+    def shard_file(self, name: str) -> str:
+        return join(self.url, "shards", f"{name}.parquet")
+
+    def completed(self) -> dict[str, dict[str, Any]]:
+        """Completion records of the shards in the store, by source shard name."""
+        records = {}
+        for url in self.storage.list(join(self.url, "done")):
+            if url.endswith(".json"):
+                records[basename(url)[: -len(".json")]] = self.storage.read_json(url)
+        return records
+
+    def write_shard(self, name: str, table: pa.Table, record: dict[str, Any]) -> None:
+        """Publish one source shard: its parquet, then its completion record."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self.storage.write_bytes(self.shard_file(name), sink.getvalue().to_pybytes())
+        self.storage.write_json(
+            join(self.url, "done", f"{name}.json"), {**record, "rows": table.num_rows}
+        )
+
+    def read_shard(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+        with self.storage.open(self.shard_file(name)) as handle:
+            return pq.read_table(handle, columns=list(columns) if columns else None)
+
+    def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """Every completed shard in one table (for small stores and fitting, e.g. PCA)."""
+        names = sorted(self.completed())
+        if not names:
+            raise UserFacingError(f"the embedding store at {self.url} has no completed shards")
+        return pa.concat_tables(self.read_shard(n, columns) for n in names)
+
+    def dataset(self, columns: Sequence[str] | None = None):
+        """The completed shards as a Ray Dataset (streamed; columns selectable)."""
+        import ray
+
+        names = sorted(self.completed())
+        if not names:
+            raise UserFacingError(f"the embedding store at {self.url} has no completed shards")
+        filesystem, _ = self.storage.arrow_filesystem(self.url)
+        paths = [self.storage.arrow_filesystem(self.shard_file(n))[1] for n in names]
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem)
+        return dataset.select_columns(list(columns)) if columns else dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Images from the source shards with their embeddings, matched by key
+
+
+def iter_shard_with_embeddings(
+    storage: Storage,
+    shards_url: str,
+    store: EmbeddingStore,
+    name: str,
+    columns: Sequence[str] = ("image_emb", "text_tokens", "caption"),
+) -> Iterator[dict[str, Any]]:
+    """Stream one source tar, yielding each sample the store has: the encoded image bytes beside
+    the store's columns for its key. Samples the store skipped (bad images, no caption) are left out.
+    """
+    table = store.read_shard(name, ["key", *columns])
+    index = {key: i for i, key in enumerate(table.column("key").to_pylist())}
+    arrays = {
+        c: column_array(table, c)
+        if pa.types.is_fixed_size_list(table.schema.field(c).type)
+        else None
+        for c in columns
+    }
+    values = {c: table.column(c).to_pylist() for c in columns if arrays[c] is None}
+    shard_id = int(name) if name.isdigit() else None
+    tar = (
+        shard_urls(shards_url, shard_id)["tar"]
+        if shard_id is not None
+        else join(shards_url, f"{name}.tar")
+    )
+    try:
+        for sample in iter_tar_samples(storage, tar):
+            i = index.get(sample["__key__"])
+            image = sample.get("jpg") or sample.get("png") or sample.get("webp")
+            if i is None or image is None:
+                continue
+            row = {"key": sample["__key__"], "image_bytes": image}
+            for c in columns:
+                row[c] = arrays[c][i] if arrays[c] is not None else values[c][i]
+            yield row
+    except Exception as exc:  # a truncated tar: the store already skipped what was cut off
+        log.warning("stopped reading %s: %s", tar, exc)
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """JPEG/PNG bytes → (size, size, 3) uint8, resized (area) when the side differs."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BOX if image.size[0] > size else Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def image_dataset(
+    storage: Storage,
+    shards_url: str,
+    store: EmbeddingStore,
+    *,
+    image_size: int,
+    columns: Sequence[str] = ("image_emb", "text_tokens"),
+):
+    """A Ray Dataset of ``image`` (image_size², uint8) with the store's columns, streamed shard by
+    shard: each read task opens one source tar and its store file, so no join over the dataset."""
+    import ray
+
+    names = sorted(store.completed())
+    if not names:
+        raise UserFacingError(f"the embedding store at {store.url} has no completed shards")
+
+    def read(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        for row in iter_shard_with_embeddings(storage, shards_url, store, item["name"], columns):
+            image = decode_image(row.pop("image_bytes"), image_size)
+            yield {"image": image, **row}
+
+    return ray.data.from_items(
+        [{"name": n} for n in names], override_num_blocks=len(names)
+    ).flat_map(read)
+
+
+def source_name(tar_url: str) -> str:
+    """The store's name for a source tar: its file name without ``.tar``."""
+    name = basename(tar_url)
+    return name[: -len(".tar")] if name.endswith(".tar") else name

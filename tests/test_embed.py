@@ -1,0 +1,310 @@
+"""The embedding job on Ray Data with the tiny CLIP, on local disk and on the S3 endpoint: embeddings
+equal the bare model's, reruns resume exactly once, bad samples are counted and skipped, a store from
+another CLIP is refused, the readers stream rows and images matched by key, clip-retrieval imports."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import Root
+from PIL import Image
+
+from jobs import embed as embed_job
+from pipeline import clip_model, synth
+from pipeline.clip_retrieval import import_folder
+from pipeline.embed import run_embedding
+from pipeline.embed_store import EmbeddingStore, column_array, image_dataset
+from pipeline.errors import UserFacingError
+from pipeline.shards import ShardWriter, iter_tar_samples, sample_key, shard_urls
+from pipeline.stage_config import ClipSource, EmbedConfig, SynthConfig
+from pipeline.storage import Storage
+
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "clip", "tiny-clip.json")
+
+
+def _tiny_clip_checkpoint(path: str, seed: int) -> str:
+    import open_clip
+    from safetensors.torch import save_file
+
+    open_clip.add_model_config(TINY_CONFIG)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny-clip")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory) -> str:
+    return _tiny_clip_checkpoint(str(tmp_path_factory.mktemp("clip") / "tiny.safetensors"), 0)
+
+
+def _source(checkpoint: str | None) -> ClipSource:
+    return ClipSource(model="tiny-clip", model_config=TINY_CONFIG, pretrained=checkpoint)
+
+
+def _embed_cfg(root: Root, checkpoint: str | None, **changes) -> EmbedConfig:
+    options = dict(
+        root=root.url, storage=root.storage.options, clip=_source(checkpoint), batch_size=8
+    )
+    return EmbedConfig(**{**options, **changes})
+
+
+def _synth(root: Root, num_samples: int, per_shard: int) -> None:
+    synth.generate(
+        SynthConfig(
+            root=root.url,
+            storage=root.storage.options,
+            num_samples=num_samples,
+            samples_per_shard=per_shard,
+            image_size=64,
+        ),
+        root.storage,
+    )
+
+
+def test_embeddings_equal_the_bare_model(storage_root: Root, ray_local, clip_checkpoint) -> None:
+    _synth(storage_root, 20, 8)
+    summary = run_embedding(_embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
+    assert (summary["shards"], summary["rows"], summary["skipped"]) == (3, 20, 0)
+    store = EmbeddingStore(storage_root.storage, summary["store"])
+    manifest = store.manifest()
+    assert manifest["embed_dim"] == 64 and manifest["dtype"] == "float16"
+    assert manifest["tokenizer"]["context_length"] == 32
+    assert manifest["clip"]["checkpoint_sha256"] and set(manifest["shards"]) == {
+        "00000",
+        "00001",
+        "00002",
+    }
+
+    loaded = clip_model.load_clip(_source(clip_checkpoint), clip_checkpoint)
+    import open_clip
+
+    _, _, preprocess = open_clip.create_model_and_transforms(
+        "tiny-clip", pretrained=clip_checkpoint
+    )
+    table = store.read_shard("00001")
+    by_key = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    image_emb, text_emb = column_array(table, "image_emb"), column_array(table, "text_emb")
+    tokens = column_array(table, "text_tokens")
+    samples = list(
+        iter_tar_samples(storage_root.storage, shard_urls(f"{storage_root.url}/shards", 1)["tar"])
+    )
+    assert sorted(by_key) == sorted(s["__key__"] for s in samples)
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(s["jpg"]))) for s in samples])
+        bare_img = torch.nn.functional.normalize(loaded.model.encode_image(pixels), dim=-1)
+        bare_tok = loaded.tokenizer([s["txt"].decode() for s in samples])
+        bare_txt = torch.nn.functional.normalize(loaded.model.encode_text(bare_tok), dim=-1)
+    order = [by_key[s["__key__"]] for s in samples]
+    np.testing.assert_allclose(image_emb[order].astype(np.float32), bare_img.numpy(), atol=2e-3)
+    np.testing.assert_allclose(text_emb[order].astype(np.float32), bare_txt.numpy(), atol=2e-3)
+    assert (tokens[order] == bare_tok.numpy()).all()
+    assert np.allclose(np.linalg.norm(image_emb.astype(np.float32), axis=1), 1, atol=2e-3)
+
+    # The prior reads columns as a Ray Dataset; the image stages images beside embeddings, by key.
+    rows = store.dataset(columns=["key", "text_emb"]).take_all()
+    assert len(rows) == 20 and set(rows[0]) == {"key", "text_emb"}
+    images = image_dataset(
+        storage_root.storage, f"{storage_root.url}/shards", store, image_size=32
+    ).take_all()
+    assert len(images) == 20
+    for row in images[:5]:
+        i = by_key.get(row["key"])
+        assert row["image"].shape == (32, 32, 3)
+        if i is not None:
+            np.testing.assert_array_equal(np.asarray(row["image_emb"]), image_emb[i])
+
+
+def test_interrupted_run_resumes_exactly_once(
+    storage_root: Root, ray_local, clip_checkpoint, monkeypatch
+) -> None:
+    import pipeline.embed as embed_module
+
+    _synth(storage_root, 40, 8)
+    cfg = _embed_cfg(storage_root, clip_checkpoint)
+    original = embed_module.ShardGatherer._publish
+    published = []
+
+    def dying_publish(self, name, entry):
+        if len(published) == 2:
+            raise KeyboardInterrupt("killed after two shards")
+        published.append(name)
+        return original(self, name, entry)
+
+    monkeypatch.setattr(embed_module.ShardGatherer, "_publish", dying_publish)
+    with pytest.raises(KeyboardInterrupt):
+        run_embedding(cfg, storage_root.storage)
+    monkeypatch.setattr(embed_module.ShardGatherer, "_publish", original)
+
+    store = EmbeddingStore.locate(storage_root.storage, f"{storage_root.url}/embeddings")
+    first = store.completed()
+    assert sorted(first) == sorted(published) and len(first) == 2
+    before = {n: storage_root.storage.read_bytes(store.shard_file(n)) for n in first}
+
+    summary = run_embedding(cfg, storage_root.storage)
+    assert summary["shards_encoded_now"] == 3 and summary["rows"] == 40
+    for name, data in before.items():  # completed shards are not recomputed
+        assert storage_root.storage.read_bytes(store.shard_file(name)) == data
+        assert store.completed()[name]["written_at"] == first[name]["written_at"]
+    keys = store.read_all(["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 40
+
+    again = run_embedding(cfg, storage_root.storage)  # nothing left to do
+    assert again["shards_encoded_now"] == 0 and again["rows"] == 40
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bad_shards(root: Root) -> None:
+    """Shard 0: 4 good samples, a corrupt image, an empty and a missing caption.
+    Shard 1: 6 good samples, truncated in the middle of the last one."""
+    folder = f"{root.url}/shards"
+    writer = ShardWriter(root.storage, folder, 0)
+    for i in range(4):
+        writer.write(sample_key(0, i, 100), _jpeg((40 * i, 80, 120)), f"a red square {i}", {})
+    writer.write(sample_key(0, 4, 100), b"\xff\xd8\xff not a jpeg at all", "a broken image", {})
+    writer.write(sample_key(0, 5, 100), _jpeg((1, 2, 3)), "   ", {})
+    writer._add(f"{sample_key(0, 6, 100)}.jpg", _jpeg((9, 9, 9)))  # an image with no caption
+    writer.close()
+    writer = ShardWriter(root.storage, folder, 1)
+    for i in range(6):
+        writer.write(sample_key(1, i, 100), _jpeg((10, 20 * i, 30)), f"a blue circle {i}", {})
+    writer.close()
+    tar = shard_urls(folder, 1)["tar"]
+    data = root.storage.read_bytes(tar)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        last_image = [m for m in archive.getmembers() if m.name.endswith(".jpg")][-1]
+    root.storage.write_bytes(tar, data[: last_image.offset_data + 100])  # cut into the last image
+
+
+def test_bad_samples_are_counted_and_skipped(
+    storage_root: Root, ray_local, clip_checkpoint
+) -> None:
+    _bad_shards(storage_root)
+    summary = run_embedding(_embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
+    store = EmbeddingStore(storage_root.storage, summary["store"])
+    records = store.completed()
+    assert records["00000"]["rows"] == 4
+    assert records["00000"]["skipped"] == {
+        "undecodable image": 1,
+        "missing caption": 2,
+    }
+    assert records["00000"]["skipped_keys"]["undecodable image"] == [sample_key(0, 4, 100)]
+    assert sorted(records["00000"]["skipped_keys"]["missing caption"]) == [
+        sample_key(0, 5, 100),
+        sample_key(0, 6, 100),
+    ]
+    assert records["00001"]["skipped"] == {"truncated tar": 1}
+    assert records["00001"]["rows"] == 5
+    assert store.manifest()["skipped"] == 4
+    captions = store.read_all(["caption"]).column("caption").to_pylist()
+    assert all(c.startswith(("a red square", "a blue circle")) for c in captions)
+
+
+def test_a_store_from_another_clip_is_refused(tmp_path, ray_local, clip_checkpoint) -> None:
+    root = Root("local", str(tmp_path), Storage())
+    _synth(root, 8, 8)
+    run_embedding(_embed_cfg(root, clip_checkpoint, clip_id="shared"), root.storage)
+    other = _tiny_clip_checkpoint(str(tmp_path / "other.safetensors"), 1)
+    with pytest.raises(UserFacingError, match="was made with another CLIP: its clip is"):
+        run_embedding(_embed_cfg(root, other, clip_id="shared"), root.storage)
+    # left alone: another CLIP gets its own store by default
+    summary = run_embedding(_embed_cfg(root, other), root.storage)
+    assert summary["store"].endswith(
+        "tiny-clip--ckpt-" + clip_model.identity(_source(other), other).checkpoint_sha256[:12]
+    )
+
+
+def test_clip_retrieval_import_round_trips(
+    storage_root: Root, ray_local, clip_checkpoint, capsys
+) -> None:
+    _synth(storage_root, 12, 6)
+    summary = run_embedding(_embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
+    original = EmbeddingStore(storage_root.storage, summary["store"]).read_all()
+
+    # Export the store as clip-retrieval would have written it, with one caption missing.
+    export = f"{storage_root.url}/clip-retrieval"
+    s = storage_root.storage
+    captions = original.column("caption").to_pylist()
+    captions[3] = None
+    for part, (lo, hi) in enumerate(((0, 7), (7, 12))):
+        for column, folder in (("image_emb", "img_emb"), ("text_emb", "text_emb")):
+            buffer = io.BytesIO()
+            np.save(buffer, column_array(original, column)[lo:hi])
+            s.write_bytes(f"{export}/{folder}/{folder}_{part}.npy", buffer.getvalue())
+        meta = pa.table(
+            {"key": original.column("key").to_pylist()[lo:hi], "caption": captions[lo:hi]}
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(meta, sink)
+        s.write_bytes(f"{export}/metadata/metadata_{part}.parquet", sink.getvalue().to_pybytes())
+
+    code = embed_job.main(
+        [
+            f"root={storage_root.url}",
+            "store=imported",
+            "clip.pretrained=null",
+            *([f"storage.endpoint_url={s.options.endpoint_url}"] if s.options.endpoint_url else []),
+            "--import-clip-retrieval",
+            export,
+        ]
+    )
+    assert code == 0
+    assert "import: 11 rows" in capsys.readouterr().out
+    imported = EmbeddingStore.locate(s, f"{storage_root.url}/imported")
+    assert imported.completed()["clip-retrieval-00000"]["skipped"] == {"missing caption": 1}
+    table = imported.read_all()
+    keep = [i for i in range(12) if i != 3]
+    assert table.column("key").to_pylist() == [original.column("key").to_pylist()[i] for i in keep]
+    for column in ("image_emb", "text_emb", "text_tokens"):
+        np.testing.assert_array_equal(
+            column_array(table, column), column_array(original, column)[keep]
+        )
+    # A second import finds every part done.
+    assert (
+        import_folder(
+            EmbedConfig(
+                root=storage_root.url,
+                storage=s.options,
+                store="imported",
+                clip=_source(None),
+                import_clip_retrieval=export,
+            ),
+            s,
+        )["rows_imported_now"]
+        == 0
+    )
+
+
+def test_wrong_embedding_dimensions_are_named(tmp_path) -> None:
+    s = Storage()
+    export = str(tmp_path / "cr")
+    for folder in ("img_emb", "text_emb"):
+        buffer = io.BytesIO()
+        np.save(buffer, np.ones((2, 48), np.float16))
+        s.write_bytes(f"{export}/{folder}/{folder}_0.npy", buffer.getvalue())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"caption": ["a", "b"]}), sink)
+    s.write_bytes(f"{export}/metadata/metadata_0.parquet", sink.getvalue().to_pybytes())
+    cfg = EmbedConfig(root=str(tmp_path), clip=_source(None), import_clip_retrieval=export)
+    with pytest.raises(
+        UserFacingError,
+        match=r"img_emb_0\.npy: embeddings have 48 dimensions but tiny-clip makes 64",
+    ):
+        import_folder(cfg, s)
+
+
+def test_embed_without_shards_is_a_clear_error(tmp_path, capsys) -> None:
+    assert embed_job.main([f"root={tmp_path}"]) == 1
+    assert f"no complete shards at {tmp_path}/shards" in capsys.readouterr().err
