@@ -273,7 +273,7 @@ class TrainClipConfig(TrainStageConfig):
 
 @dataclass
 class PriorConfig(TrainStageConfig):
-    """``unclip train-prior``: text embedding and caption → CLIP image embedding (section 2.1)."""
+    """``unclip train-prior``: text embedding and caption → CLIP image embedding (section 2.2)."""
 
     run: str = param("prior", "run name: checkpoints go to <root>/checkpoints/<run>")
     store: str = param("embeddings", "embedding store root")
@@ -287,7 +287,7 @@ class PriorConfig(TrainStageConfig):
 
 @dataclass
 class DecoderConfig(TrainStageConfig):
-    """``unclip train-decoder``: CLIP image embedding (and caption) → 64px image (section 2.2)."""
+    """``unclip train-decoder``: CLIP image embedding (and caption) → 64px image (section 2.1)."""
 
     run: str = param("decoder", "run name: checkpoints go to <root>/checkpoints/<run>")
     shards: str = param("shards", "webdataset shards with the images")
@@ -300,7 +300,7 @@ class DecoderConfig(TrainStageConfig):
 
 @dataclass
 class UpsamplerConfig(TrainStageConfig):
-    """``unclip train-upsampler``: 64→256 or 256→1024 super-resolution (section 2.2)."""
+    """``unclip train-upsampler``: 64→256 or 256→1024 super-resolution (section 2.1)."""
 
     run: str = param("upsampler", "run name: checkpoints go to <root>/checkpoints/<run>")
     shards: str = param("shards", "webdataset shards with the images")

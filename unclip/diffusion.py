@@ -1,14 +1,50 @@
 """Gaussian diffusion (Ho et al. 2020; Nichol & Dhariwal 2021), apart from every network.
 
-(The process itself lands with the model-library issue; its hyperparameters are here.)
+Every stage of unCLIP is a diffusion model (Ramesh et al. 2022, sections 2.1-2.2): the prior over CLIP
+image embeddings, the 64px decoder and the two upsamplers. This module is the one place where the
+forward process, the training objective and the samplers are written; the networks only see a *model
+function* ``fn(x_t, t) -> Tensor`` (see ``.helpers/CONTRACTS.md``) and know nothing about schedules.
+
+The structure follows improved-diffusion's ``GaussianDiffusion``: a process object built from a β
+schedule precomputes every schedule quantity (in float64, cast per batch to the dtype and device of the
+data) and takes the model as an argument. A *respaced* process (:func:`space_timesteps`,
+:meth:`GaussianDiffusion.respace`) keeps a subset of the training steps with the same ᾱ there, so a
+model trained with T steps samples in far fewer; the model still receives the ORIGINAL timestep
+indices.
+
+Notation: β_t the noise schedule, α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s, with t ∈ [0, T) the step index
+(index t is the paper's step t+1; ᾱ_{-1} = 1 means "clean data").
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+from torch import Tensor
+
 from unclip.fields import param, require
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+"""``fn(x_t, t) -> output``: ``t`` (int64, shape (B,)) always in the original range [0, T)."""
+
+GuidableFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``fn3(x_t, t, drop) -> output``: ``drop`` (bool, (B,)) True where conditioning is dropped."""
+
+Callback = Callable[[int, int, Tensor, Tensor], None]
+"""``callback(done, total, x, pred_xstart)`` after each sampling step (x is the new, less noisy x)."""
+
+__all__ = [
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "discretized_gaussian_log_likelihood",
+    "make_beta_schedule",
+    "normal_kl",
+    "space_timesteps",
+]
 
 
 @dataclass
@@ -32,6 +68,10 @@ class DiffusionConfig:
         "static", "clip predicted x₀ to [-1, 1] (static) or by percentile (dynamic, Imagen)"
     )
     dynamic_percentile: float = param(0.995, "percentile for dynamic thresholding", gt=0, le=1)
+    fixed_variance: Literal["small", "large"] = param(
+        "small",
+        "reverse variance when not learned: posterior β̃_t (small) or β_t (large), Ho et al. §3.2",
+    )
 
     def validate(self) -> None:
         require(
@@ -39,3 +79,607 @@ class DiffusionConfig:
             "sampling_steps",
             f"must be at most timesteps ({self.timesteps}), got {self.sampling_steps}",
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+
+def make_beta_schedule(name: str, num_timesteps: int) -> Tensor:
+    """β_t for t in [0, T), float64.
+
+    * ``"cosine"``: Improved DDPM eq. 17, ᾱ(t) = f(t)/f(0) with f(t) = cos²(((t/T + s)/(1 + s))·π/2),
+      s = 0.008, and β_t = 1 − ᾱ(t+1)/ᾱ(t) clipped at 0.999 (section 3.2: the last steps would
+      otherwise be singular).
+    * ``"linear"``: Ho et al. 2020 §4, β from 1e-4 to 0.02 for T = 1000, both scaled by 1000/T so other
+      T keep the same total noise (as improved-diffusion does); also clipped at 0.999.
+    """
+    steps = int(num_timesteps)
+    if steps < 1:
+        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+    if name == "cosine":
+        s = 0.008
+        grid = torch.arange(steps + 1, dtype=torch.float64) / steps
+        f = torch.cos((grid + s) / (1 + s) * (math.pi / 2)) ** 2
+        alpha_bar = f / f[0]
+        betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]
+    elif name == "linear":
+        scale = 1000.0 / steps
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown beta schedule {name!r} (expected 'cosine' or 'linear')")
+    return betas.clamp(max=0.999)
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``steps`` evenly spaced original step indices in [0, T), ascending.
+
+    Both ends are kept when ``steps`` ≥ 2 (0, so sampling ends by predicting x₀ from the least noisy
+    step; T−1, so it starts from the noisiest); a single step keeps T−1. As improved-diffusion's
+    ``space_timesteps`` with one section (Nichol & Dhariwal 2021 §4: sampling with fewer steps).
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (steps - 1)
+    # Consecutive values are ≥ 1 apart before rounding, so rounding never merges two of them.
+    return [round(i * stride) for i in range(steps)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Likelihood terms (float32 or wider; used by the hybrid loss)
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+_MAX_Z = 1000.0
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """log p(x) of 8-bit data in [-1, 1] under N(means, e^{2·log_scales}) integrated over the pixel's
+    bin (Ho et al. 2020 §3.3 decoder L_0); the edge bins extend to ±∞. Elementwise, in nats.
+
+    Uses ``log_ndtr`` for the tails and clamps probabilities at 1e-12 (no log 0 when the predicted
+    scale is tiny), and clamps the standardised bin edges to ±1000 (log-probabilities below about
+    -5e5 nats): float32 ``log_ndtr`` has wrong gradients beyond a few thousand and NaN ones beyond
+    ~1e8. Result and gradients stay finite for any finite inputs.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    plus_in = (inv_std * (centered + 1.0 / 255.0)).clamp(-_MAX_Z, _MAX_Z)
+    min_in = (inv_std * (centered - 1.0 / 255.0)).clamp(-_MAX_Z, _MAX_Z)
+    log_cdf_plus = torch.special.log_ndtr(plus_in)  # log P(X ≤ x + 1/255): the lowest bin
+    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)  # log P(X > x − 1/255): the highest
+    cdf_delta = torch.special.ndtr(plus_in) - torch.special.ndtr(min_in)
+    log_delta = torch.log(cdf_delta.clamp(min=1e-12))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
+
+
+def _mean_flat(x: Tensor) -> Tensor:
+    """Mean over every dimension but the batch."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def _randn(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Standard normal noise; drawn on the generator's device (so a CPU generator gives the same
+    numbers for any target device), in float32, then moved and cast."""
+    where = generator.device if generator is not None else device
+    z = torch.randn(tuple(shape), generator=generator, device=where, dtype=torch.float32)
+    return z.to(device=device, dtype=dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the process computes in: at least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# The process
+
+
+class GaussianDiffusion:
+    """The diffusion process of one stage: forward noising, the training loss, and the samplers.
+
+    Built from a :class:`DiffusionConfig`. ``use_timesteps`` (original step indices) makes a respaced
+    process (Nichol & Dhariwal 2021 §4) whose ᾱ at its step i equals the original ᾱ at
+    ``use_timesteps[i]`` and whose β_i = 1 − ᾱ_i/ᾱ_{i−1}; prefer :meth:`respace`. The process holds no
+    parameters: a stage model keeps it as a plain attribute, and the same object serves training
+    (:meth:`training_losses`) and sampling (:meth:`sample`) so the noising formula exists once.
+
+    Model outputs by ``cfg.objective`` (x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, Ho et al. eq. 4):
+    ``"eps"`` ε (Ho et al. eq. 11), ``"x0"`` x₀, ``"v"`` v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022 §4,
+    appendix D). With ``cfg.learned_variance`` the output has twice the channels (dim 1): the mean
+    prediction, then v ∈ [-1, 1] interpolating log β_t and log β̃_t (Improved DDPM eq. 15).
+    """
+
+    def __init__(self, cfg: DiffusionConfig, *, use_timesteps: Sequence[int] | None = None) -> None:
+        self.cfg = cfg
+        base_betas = make_beta_schedule(cfg.schedule, cfg.timesteps)
+        self.original_num_timesteps = int(cfg.timesteps)
+        base_alphas_cumprod = torch.cumprod(1.0 - base_betas, dim=0)
+        if use_timesteps is None:
+            kept = torch.arange(cfg.timesteps, dtype=torch.long)
+            betas, alphas_cumprod = base_betas, base_alphas_cumprod
+        else:
+            steps = sorted({int(k) for k in use_timesteps})
+            if not steps or steps[0] < 0 or steps[-1] >= cfg.timesteps:
+                raise ValueError(
+                    f"use_timesteps must be a non-empty subset of [0, {cfg.timesteps})"
+                )
+            kept = torch.tensor(steps, dtype=torch.long)
+            alphas_cumprod = base_alphas_cumprod[kept]
+            prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+            betas = 1.0 - alphas_cumprod / prev
+        self.timestep_map = kept
+        self.num_timesteps = len(betas)
+        self._tables: dict[tuple[str, str], Tensor] = {}
+        self._respaced: dict[int, GaussianDiffusion] = {}
+        self._init_schedule(betas, alphas_cumprod)
+
+    def _init_schedule(self, betas: Tensor, alphas_cumprod: Tensor) -> None:
+        """Every schedule quantity, float64 on the CPU (Ho et al. eqs. 4, 6-7; Improved DDPM §3.1)."""
+        one = torch.ones(1, dtype=torch.float64)
+        self.betas = betas
+        self.alphas_cumprod = alphas_cumprod
+        self.alphas_cumprod_prev = torch.cat([one, alphas_cumprod[:-1]])
+        self.alphas_cumprod_next = torch.cat(
+            [alphas_cumprod[1:], torch.zeros(1, dtype=torch.float64)]
+        )
+        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
+        self.log_one_minus_alphas_cumprod = torch.log((1.0 - alphas_cumprod).clamp(min=1e-20))
+        self.sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / alphas_cumprod - 1.0).sqrt()
+        # Posterior q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7); at t = 0 (ᾱ_{-1} = 1) its mean is x_0
+        # and its variance 0. The log variance is "clipped": its t = 0 value replaced by t = 1's.
+        prev = self.alphas_cumprod_prev
+        self.posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef1 = betas * prev.sqrt() / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
+        pv = self.posterior_variance
+        pv_clipped = torch.cat([pv[1:2], pv[1:]]) if len(pv) > 1 else pv
+        self.posterior_log_variance_clipped = torch.log(pv_clipped.clamp(min=1e-20))
+        self.log_betas = torch.log(betas.clamp(min=1e-20))
+        # Ho et al. §3.2's other fixed choice, σ² = β (improved-diffusion's "fixed large", which
+        # uses β̃_1 at t = 0 so the decoder term stays sensible).
+        large = torch.cat([pv[1:2], betas[1:]]) if len(pv) > 1 else betas
+        self.large_log_variance = torch.log(large.clamp(min=1e-20))
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """A schedule array on ``device`` (cached; float32 where float64 is unsupported)."""
+        key = (name, str(device))
+        table = self._tables.get(key)
+        if table is None:
+            table = getattr(self, name)
+            if device.type == "mps" and table.dtype == torch.float64:
+                table = table.float()
+            table = table.to(device)
+            self._tables[key] = table
+        return table
+
+    def _extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """``name[t]`` cast to x's dtype and device, shaped (B, 1, …) to broadcast against x."""
+        values = self._table(name, x.device)[t.to(x.device)].to(x.dtype)
+        return values.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+    def _map(self, t: Tensor) -> Tensor:
+        """Respaced step indices → the original indices the model was trained with."""
+        return self._table("timestep_map", t.device)[t]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_tables"] = {}  # device caches are rebuilt where the object lands
+        return state
+
+    # -- respacing ---------------------------------------------------------------------------
+
+    def respace(self, steps: int | None) -> GaussianDiffusion:
+        """The process respaced to ``steps`` evenly spaced steps (:func:`space_timesteps`), cached;
+        ``self`` when ``steps`` is None or the full length."""
+        if steps is None or steps == self.num_timesteps:
+            return self
+        if self.num_timesteps != self.original_num_timesteps:
+            raise ValueError("respace the original process, not an already respaced one")
+        steps = int(steps)
+        process = self._respaced.get(steps)
+        if process is None:
+            process = GaussianDiffusion(
+                self.cfg, use_timesteps=space_timesteps(self.num_timesteps, steps)
+            )
+            self._respaced[steps] = process
+        return process
+
+    # -- forward process ---------------------------------------------------------------------
+
+    def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and log variance of q(x_t | x_0) = N(√ᾱ_t·x_0, (1−ᾱ_t)·I), Ho et al. eq. 4."""
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._extract("alphas_cumprod", t, x_start).neg().add(1.0).expand_as(x_start)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """x_t ~ q(x_t | x_0): √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (Ho et al. eq. 4); the only noising formula."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x_start: Tensor, x_t: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7):
+        μ̃ = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x_0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t, β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t.
+        At t = 0 the mean is x_0 and the variance 0 (its log is clipped to t = 1's value)."""
+        mean = (
+            self._extract("posterior_mean_coef1", t, x_t) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t) * x_t
+        )
+        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    # -- parameterisations -------------------------------------------------------------------
+
+    def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_0 = (x_t − √(1−ᾱ)·ε)/√ᾱ (Ho et al. eq. 4 inverted)."""
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
+
+    def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x_start: Tensor) -> Tensor:
+        """ε = (x_t/√ᾱ − x_0)/√(1/ᾱ − 1); finite for every t since ᾱ_t < 1 (β_0 > 0)."""
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x_start) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
+
+    def predict_v(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022 §4)."""
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start) * noise
+            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
+        )
+
+    def training_target(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the network should output at (x_t = q_sample(x_start, t, noise), t)."""
+        if self.cfg.objective == "eps":
+            return noise
+        if self.cfg.objective == "x0":
+            return x_start
+        if self.cfg.objective == "v":
+            return self.predict_v(x_start, t, noise)
+        raise ValueError(f"unknown objective {self.cfg.objective!r}")
+
+    def _xstart_eps(self, mean_out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(x̂_0, ε̂) from the mean prediction, without thresholding."""
+        objective = self.cfg.objective
+        if objective == "eps":
+            return self.predict_xstart_from_eps(x_t, t, mean_out), mean_out
+        if objective == "x0":
+            return mean_out, self.predict_eps_from_xstart(x_t, t, mean_out)
+        if objective == "v":
+            a = self._extract("sqrt_alphas_cumprod", t, x_t)
+            b = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+            # x_0 = √ᾱ·x_t − √(1−ᾱ)·v and ε = √(1−ᾱ)·x_t + √ᾱ·v (since ᾱ + (1−ᾱ) = 1).
+            return a * x_t - b * mean_out, b * x_t + a * mean_out
+        raise ValueError(f"unknown objective {objective!r}")
+
+    def threshold(self, x_start: Tensor) -> Tensor:
+        """Apply ``cfg.thresholding`` to a predicted x_0.
+
+        ``"static"`` clips to [-1, 1] (Ho et al. 2020's sampler); ``"dynamic"`` (Saharia et al. 2022
+        §2.3) takes per sample s = max(quantile(|x̂_0|, p), 1), clips to [-s, s] and divides by s, so
+        saturated predictions are pushed inward instead of clipped flat (matters with large guidance).
+        """
+        mode = self.cfg.thresholding
+        if mode == "none":
+            return x_start
+        if mode == "static":
+            return x_start.clamp(-1.0, 1.0)
+        if mode == "dynamic":
+            flat = x_start.abs().reshape(x_start.shape[0], -1)
+            s = _quantile_rows(flat, self.cfg.dynamic_percentile).clamp(min=1.0)
+            s = s.reshape(-1, *([1] * (x_start.ndim - 1)))
+            return torch.maximum(torch.minimum(x_start, s), -s) / s
+        raise ValueError(f"unknown thresholding {mode!r}")
+
+    def _split(self, output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(mean prediction, variance values or None), cast to the working dtype (≥ float32)."""
+        output = output.to(_work_dtype(x_t.dtype))
+        if self.cfg.learned_variance:
+            channels = x_t.shape[1]
+            if output.shape[1] != 2 * channels or output.shape[2:] != x_t.shape[2:]:
+                raise ValueError(
+                    f"learned variance needs an output of shape {(x_t.shape[0], 2 * channels)}"
+                    f"+{tuple(x_t.shape[2:])}, got {tuple(output.shape)}"
+                )
+            return output[:, :channels], output[:, channels:]
+        if output.shape != x_t.shape:
+            raise ValueError(f"model output {tuple(output.shape)} != x_t {tuple(x_t.shape)}")
+        return output, None
+
+    # -- reverse process ---------------------------------------------------------------------
+
+    def p_mean_variance(
+        self, model_fn: ModelFn, x_t: Tensor, t: Tensor, *, threshold: bool = True
+    ) -> dict[str, Tensor]:
+        """p(x_{t-1} | x_t): calls ``model_fn(x_t, original t)`` once.
+
+        Returns ``mean``, ``variance``, ``log_variance`` (all of x_t's shape), ``pred_xstart``
+        (thresholded per ``cfg.thresholding`` when ``threshold``), ``pred_eps`` (consistent with
+        ``pred_xstart``) and the raw ``model_output``. The variance is the fixed β̃_t ("small") or β_t
+        ("large") of Ho et al. §3.2, or with learned variance exp(v'·log β_t + (1−v')·log β̃_t) with
+        v' = (v+1)/2 and v clamped to [-1, 1] (Improved DDPM eq. 15; the clamp keeps exp finite).
+        Computed in float32 or wider whatever the model's dtype.
+        """
+        output = model_fn(x_t, self._map(t))
+        return self._p_from_output(output, x_t, t, threshold=threshold)
+
+    def _p_from_output(
+        self, output: Tensor, x_t: Tensor, t: Tensor, *, threshold: bool
+    ) -> dict[str, Tensor]:
+        x_t = x_t.to(_work_dtype(x_t.dtype))
+        mean_out, var_out = self._split(output, x_t)
+        pred_xstart, pred_eps = self._xstart_eps(mean_out, x_t, t)
+        if threshold and self.cfg.thresholding != "none":
+            pred_xstart = self.threshold(pred_xstart)
+            pred_eps = self.predict_eps_from_xstart(x_t, t, pred_xstart)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        if var_out is None:
+            name = (
+                "large_log_variance"
+                if self.cfg.fixed_variance == "large"
+                else "posterior_log_variance_clipped"
+            )
+            log_variance = self._extract(name, t, x_t).expand_as(x_t)
+        else:
+            frac = (var_out.clamp(-1.0, 1.0) + 1.0) / 2.0
+            max_log = self._extract("log_betas", t, x_t)
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            log_variance = frac * max_log + (1.0 - frac) * min_log
+        return {
+            "mean": mean,
+            "variance": torch.exp(log_variance),
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+            "pred_eps": pred_eps,
+            "model_output": output,
+        }
+
+    # -- training ----------------------------------------------------------------------------
+
+    def training_losses(
+        self,
+        model_fn: ModelFn,
+        x_start: Tensor,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-sample (B,) losses at t (uniform in [0, T) if None) and noise (N(0, I) if None).
+
+        ``"mse"``: mean squared error of the mean prediction against the objective's target
+        (L_simple, Ho et al. eq. 14, for ε; the same form for x₀ and v). With learned variance,
+        ``"vb"``: the variational-bound term L_t in bits per dimension, computed with a stop-gradient
+        on the mean prediction so it trains only the variance (Improved DDPM §3.1): the Gaussian KL
+        of eq. 5 for t > 0, and at t = 0 for images (4-d x) the discretized Gaussian decoder NLL
+        (Ho et al. §3.3; data in [-1, 1]); vectors use the KL at t = 0 too. ``"loss"`` = mse, or the
+        hybrid L_simple + λ·L_vlb (Improved DDPM eq. 16) with λ = ``cfg.vlb_weight``: L_vlb = Σ_t L_t
+        is estimated by T·L_t, as improved-diffusion's ``vb *= num_timesteps / 1000`` with λ = 1e-3.
+        The losses are computed in float32 (or float64) even under autocast.
+        """
+        batch = x_start.shape[0]
+        device = x_start.device
+        if t is None:
+            where = generator.device if generator is not None else device
+            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=where)
+            t = t.to(device)
+        if noise is None:
+            noise = _randn(x_start.shape, generator, device, x_start.dtype)
+        x_t = self.q_sample(x_start, t, noise)
+        output = model_fn(x_t, self._map(t))
+        work = _work_dtype(x_start.dtype)
+        with torch.autocast(device_type=device.type, enabled=False):
+            mean_out, var_out = self._split(output, x_t)
+            target = self.training_target(x_start.to(work), t, noise.to(work))
+            mse = _mean_flat((target - mean_out) ** 2)
+            terms = {"mse": mse}
+            if var_out is None:
+                terms["loss"] = mse
+            else:
+                frozen = torch.cat([mean_out.detach(), var_out], dim=1)
+                vb = self._vb_bits(frozen, x_start.to(work), x_t.to(work), t)
+                terms["vb"] = vb
+                terms["loss"] = mse + self.cfg.vlb_weight * self.num_timesteps * vb
+        return terms
+
+    def _vb_bits(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """L_t of the variational bound in bits/dim, per sample (Ho et al. eq. 5; Improved DDPM)."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self._p_from_output(output, x_t, t, threshold=False)
+        kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
+        kl = _mean_flat(kl) / math.log(2.0)
+        if x_start.ndim != 4:
+            return kl
+        nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
+        nll = _mean_flat(nll) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def _ddpm_step(
+        self, out: dict[str, Tensor], x: Tensor, i: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """Ancestral step x_{t-1} = μ_θ + σ_t·z (Ho et al. Algorithm 2); no noise at t = 0."""
+        mean = out["mean"]
+        if i == 0:
+            return mean
+        z = _randn(x.shape, generator, x.device, mean.dtype)
+        return mean + torch.exp(0.5 * out["log_variance"]) * z
+
+    def _ddim_step(
+        self,
+        out: dict[str, Tensor],
+        x: Tensor,
+        t: Tensor,
+        i: int,
+        eta: float,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """DDIM step (Song et al. eq. 12) with σ_t(η) of eq. 16:
+        x_{t-1} = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ²)·ε̂ + σ·z,
+        σ = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}).
+        A learned variance is not used (DDIM fixes its own)."""
+        x0, eps = out["pred_xstart"], out["pred_eps"]
+        abar = self._extract("alphas_cumprod", t, x0)
+        abar_prev = self._extract("alphas_cumprod_prev", t, x0)
+        sigma = (
+            eta
+            * ((1.0 - abar_prev) / (1.0 - abar)).sqrt()
+            * (1.0 - abar / abar_prev).clamp(min=0.0).sqrt()
+        )
+        direction = (1.0 - abar_prev - sigma**2).clamp(min=0.0).sqrt()
+        x_prev = abar_prev.sqrt() * x0 + direction * eps
+        if eta > 0 and i > 0:
+            x_prev = x_prev + sigma * _randn(x.shape, generator, x.device, x0.dtype)
+        return x_prev
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        shape: Sequence[int],
+        *,
+        sampler: Literal["ddpm", "ddim"] | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        callback: Callback | None = None,
+        return_trajectory: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Draw x_0 by running the reverse process from x_T = ``noise`` (N(0, I) if None).
+
+        ``sampler`` "ddpm" (ancestral, Ho et al. Algorithm 2, with this process's variance) or "ddim"
+        (Song et al. eq. 12 with ``eta``), respaced to ``steps``; each defaults to the config's value.
+        ``noise`` fixes the device and dtype, else ``device``/``dtype``. ``generator`` draws x_T and
+        every step's noise (a CPU generator works for any device). ``callback(done, total, x,
+        pred_xstart)`` runs after each step. Returns x_0 (float32 or wider), or with
+        ``return_trajectory`` (x_0, [x_T, …, x_0]).
+        """
+        sampler = sampler or self.cfg.sampler
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}")
+        eta = self.cfg.eta if eta is None else float(eta)
+        process = self.respace(steps or self.cfg.sampling_steps)
+        if noise is None:
+            x = _randn(shape, generator, device, dtype)
+        else:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise shape {tuple(noise.shape)} != {tuple(shape)}")
+            x = noise
+        trajectory = [x] if return_trajectory else []
+        total = process.num_timesteps
+        for done, i in enumerate(reversed(range(total)), start=1):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            out = process.p_mean_variance(model_fn, x, t)
+            if sampler == "ddpm":
+                x = process._ddpm_step(out, x, i, generator)
+            else:
+                x = process._ddim_step(out, x, t, i, eta, generator)
+            if return_trajectory:
+                trajectory.append(x)
+            if callback is not None:
+                callback(done, total, x, out["pred_xstart"])
+        return (x, trajectory) if return_trajectory else x
+
+    @torch.no_grad()
+    def ddim_invert(
+        self, model_fn: ModelFn, x_start: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Run the deterministic DDIM ODE (η = 0) forward: x_0 → x_T (Song et al. §4.3).
+
+        The data is taken as the state at the first kept step (ᾱ ≈ 1) and each step i → i+1 uses the
+        model at (x_i, i): x_{i+1} = √ᾱ_{i+1}·x̂_0 + √(1−ᾱ_{i+1})·ε̂, mirroring the sampler, so
+        ``sample(..., sampler="ddim", eta=0, steps=steps, noise=ddim_invert(...))`` reconstructs
+        ``x_start`` up to discretisation error. Respaced to ``steps`` (default ``cfg.sampling_steps``).
+        """
+        process = self.respace(steps or self.cfg.sampling_steps)
+        x = x_start.to(_work_dtype(x_start.dtype))
+        for i in range(process.num_timesteps - 1):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            out = process.p_mean_variance(model_fn, x, t)
+            abar_next = process._extract("alphas_cumprod_next", t, x)
+            x = abar_next.sqrt() * out["pred_xstart"] + (1.0 - abar_next).sqrt() * out["pred_eps"]
+        return x
+
+    # -- guidance ----------------------------------------------------------------------------
+
+    def guided(self, fn3: GuidableFn, scale: float) -> ModelFn:
+        """Classifier-free guidance (Ho & Salimans 2022 eq. 6; GLIDE §2.3) as a model function.
+
+        The conditional (drop = False) and unconditional (drop = True) branches run in ONE batched
+        forward of 2B rows; the result is uncond + scale·(cond − uncond) on the mean channels and the
+        conditional half's variance channels when the variance is learned. Guiding the raw output is
+        the same as guiding ε for every objective (x̂_0 and v are affine in ε at fixed x_t, t).
+        ``scale == 1`` runs only the conditional forward (B rows).
+        """
+        scale = float(scale)
+        learned = self.cfg.learned_variance
+
+        def conditional(x_t: Tensor, t: Tensor) -> Tensor:
+            drop = torch.zeros(x_t.shape[0], dtype=torch.bool, device=x_t.device)
+            return fn3(x_t, t, drop)
+
+        if scale == 1.0:
+            return conditional
+
+        def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            batch = x_t.shape[0]
+            drop = torch.zeros(2 * batch, dtype=torch.bool, device=x_t.device)
+            drop[batch:] = True
+            out = fn3(torch.cat([x_t, x_t]), torch.cat([t, t]), drop)
+            cond, uncond = out[:batch], out[batch:]
+            if learned:
+                channels = x_t.shape[1]
+                mean = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+                return torch.cat([mean, cond[:, channels:]], dim=1)
+            return uncond + scale * (cond - uncond)
+
+        return model_fn
+
+
+def _quantile_rows(x: Tensor, q: float) -> Tensor:
+    """Per-row quantile with linear interpolation (``torch.quantile``'s default) via a sort, which,
+    unlike ``torch.quantile``, has no input size limit (a batch of 256² images exceeds it)."""
+    n = x.shape[1]
+    position = q * (n - 1)
+    lo = math.floor(position)
+    hi = min(lo + 1, n - 1)
+    weight = position - lo
+    ordered = x.sort(dim=1).values
+    return ordered[:, lo] * (1.0 - weight) + ordered[:, hi] * weight

@@ -1,0 +1,157 @@
+"""The decoder stage (Ramesh et al. 2022, section 2.1): CLIP image embedding (and caption) → 64px image.
+
+A :class:`~unclip.unet.DecoderUNet` trained under a :class:`~unclip.diffusion.GaussianDiffusion`. As
+the paper does for classifier-free guidance, training drops the CLIP image embedding (replaced by a
+learned null embedding) for 10% of the rows and the caption for 50% (``DecoderNetConfig``'s
+``image_emb_drop`` / ``text_drop``, drawn independently); sampling guides towards the fully
+conditional prediction and away from the one with both dropped (Ho & Salimans 2022; GLIDE §2.3).
+With ``learned_variance`` the network also predicts the reverse-process variance and trains on the
+hybrid loss L_simple + λ·L_vlb (Nichol & Dhariwal 2021 eq. 16), as the paper's decoder does (table 3,
+"learned" sampling variance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip.unet import DecoderNetConfig, DecoderUNet
+
+
+def bernoulli(
+    batch: int, p: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """(batch,) bool, True with probability ``p``; drawn on the generator's device."""
+    where = generator.device if generator is not None else device
+    return (torch.rand(batch, generator=generator, device=where) < p).to(device)
+
+
+class Decoder(nn.Module):
+    """The decoder stage model: ``loss`` for the trainer, ``sample`` for generation.
+
+    Holds the network as ``net`` and the diffusion process as the plain attribute ``diffusion``.
+    Images are (B, 3, image_size, image_size) in [-1, 1]; image embeddings (B, embed_dim) are
+    L2-normalised here (CLIP embeddings are unit vectors; this also absorbs float16 rounding of the
+    embedding store); caption tokens are open_clip ids (0 = padding).
+    """
+
+    def __init__(
+        self,
+        net_cfg: DecoderNetConfig,
+        diffusion_cfg: DiffusionConfig,
+        *,
+        embed_dim: int,
+        vocab_size: int = 49408,
+    ) -> None:
+        super().__init__()
+        self.cfg = net_cfg
+        self.embed_dim = embed_dim
+        self.net = DecoderUNet(
+            net_cfg,
+            embed_dim=embed_dim,
+            vocab_size=vocab_size,
+            learned_variance=diffusion_cfg.learned_variance,
+        )
+        self.diffusion = GaussianDiffusion(diffusion_cfg)
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = self.net.unet.input_conv.weight
+        return weight.device, weight.dtype
+
+    def _inputs(
+        self, image_emb: torch.Tensor, text_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device, dtype = self._device_dtype()
+        emb = F.normalize(image_emb.to(device, torch.float32), dim=-1).to(dtype)
+        return emb, text_tokens.to(device).long()
+
+    def terms(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Batch means of the diffusion loss terms: "loss" (what to minimise; the hybrid loss with
+        learned variance), "mse", and "vb" with learned variance. The image embedding and the
+        caption are each dropped per row with the configured probability (section 2.1)."""
+        device, dtype = self._device_dtype()
+        image = batch["image"].to(device, dtype)
+        emb, tokens = self._inputs(batch["image_emb"], batch["text_tokens"])
+        b = image.shape[0]
+        drop_image = bernoulli(b, self.cfg.image_emb_drop, generator, device)
+        drop_text = bernoulli(b, self.cfg.text_drop, generator, device)
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.net(
+                x_t,
+                t,
+                image_emb=emb,
+                text_tokens=tokens,
+                drop_image=drop_image,
+                drop_text=drop_text,
+            )
+
+        losses = self.diffusion.training_losses(model_fn, image, generator=generator)
+        return {name: value.mean() for name, value in losses.items()}
+
+    def loss(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Mean diffusion loss over the batch (:meth:`terms`' "loss")."""
+        return self.terms(batch, generator)["loss"]
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """:meth:`loss`, so a ``DistributedDataParallel`` wrapper's ``__call__`` trains it."""
+        return self.loss(batch, generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        image_emb: torch.Tensor,
+        text_tokens: torch.Tensor,
+        *,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """64px images (B, 3, H, W) in [-1, 1] for image embeddings and captions.
+
+        Classifier-free guidance with ``guidance_scale`` (default: the diffusion config's
+        ``guidance_scale``; 1 = no guidance): the unconditional branch drops both the image
+        embedding and the caption. ``steps`` respaces the sampler (default: the config's
+        ``sampling_steps``); ``noise`` is x_T; ``generator`` draws x_T and every step's noise.
+        Runs the network in eval mode (no dropout) and restores its mode afterwards.
+        """
+        emb, tokens = self._inputs(image_emb, text_tokens)
+        device = emb.device
+        b = emb.shape[0]
+        scale = self.diffusion.cfg.guidance_scale if guidance_scale is None else guidance_scale
+
+        def fn3(x_t: torch.Tensor, t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+            k = x_t.shape[0] // b  # guidance stacks [cond; uncond]
+            return self.net(
+                x_t,
+                t,
+                image_emb=emb.repeat(k, 1),
+                text_tokens=tokens.repeat(k, 1),
+                drop_image=drop,
+                drop_text=drop,
+            )
+
+        size = self.cfg.image_size
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.diffusion.sample(
+                self.diffusion.guided(fn3, scale),
+                (b, 3, size, size),
+                steps=steps,
+                noise=None if noise is None else noise.to(device, torch.float32),
+                generator=generator,
+                device=device,
+            )
+        finally:
+            self.train(was_training)
+        return x.float().clamp(-1, 1)
