@@ -12,11 +12,13 @@ hybrid loss L_simple + λ·L_vlb (Nichol & Dhariwal 2021 eq. 16), as the paper's
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip.diffusion import DiffusionConfig, GaussianDiffusion, GuidableFn
 from unclip.unet import DecoderNetConfig, DecoderUNet
 
 
@@ -105,6 +107,35 @@ class Decoder(nn.Module):
         """:meth:`loss`, so a ``DistributedDataParallel`` wrapper's ``__call__`` trains it."""
         return self.loss(batch, generator)
 
+    def _guidable(
+        self,
+        emb: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        drop_image_emb: bool = False,
+        drop_caption: bool = False,
+    ) -> GuidableFn:
+        """``fn3(x_t, t, drop)`` for :meth:`GaussianDiffusion.guided`: the network on these
+        embeddings and captions, repeated to x_t's rows (guidance stacks [cond; uncond]). The
+        unconditional rows (``drop``) lose both the image embedding and the caption; the
+        conditional ones lose the image embedding with ``drop_image_emb`` (the paper's
+        caption-only decoding, figure 7, with the learned null embedding for the zero vector) and
+        the caption with ``drop_caption`` (the learned null caption, as in training)."""
+        b = emb.shape[0]
+
+        def fn3(x_t: torch.Tensor, t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+            k = x_t.shape[0] // b
+            return self.net(
+                x_t,
+                t,
+                image_emb=emb.repeat(k, 1),
+                text_tokens=tokens.repeat(k, 1),
+                drop_image=drop | drop_image_emb,
+                drop_text=drop | drop_caption,
+            )
+
+        return fn3
+
     @torch.no_grad()
     def sample(
         self,
@@ -115,6 +146,10 @@ class Decoder(nn.Module):
         steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        sampler: Literal["ddpm", "ddim"] | None = None,
+        eta: float | None = None,
+        drop_image_emb: bool = False,
+        drop_caption: bool = False,
     ) -> torch.Tensor:
         """64px images (B, 3, H, W) in [-1, 1] for image embeddings and captions.
 
@@ -122,24 +157,17 @@ class Decoder(nn.Module):
         ``guidance_scale``; 1 = no guidance): the unconditional branch drops both the image
         embedding and the caption. ``steps`` respaces the sampler (default: the config's
         ``sampling_steps``); ``noise`` is x_T; ``generator`` draws x_T and every step's noise.
+        ``sampler`` ("ddpm" | "ddim") and the DDIM ``eta`` default to the config's; DDIM with
+        η > 0 from a fixed x_T gives the paper's variations (section 3.1), η = 0 a deterministic
+        decoding of (z_i, x_T). ``drop_image_emb`` / ``drop_caption`` condition on the caption
+        only / the image embedding only (learned null embeddings, see :meth:`_guidable`).
         Runs the network in eval mode (no dropout) and restores its mode afterwards.
         """
         emb, tokens = self._inputs(image_emb, text_tokens)
         device = emb.device
         b = emb.shape[0]
         scale = self.diffusion.cfg.guidance_scale if guidance_scale is None else guidance_scale
-
-        def fn3(x_t: torch.Tensor, t: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-            k = x_t.shape[0] // b  # guidance stacks [cond; uncond]
-            return self.net(
-                x_t,
-                t,
-                image_emb=emb.repeat(k, 1),
-                text_tokens=tokens.repeat(k, 1),
-                drop_image=drop,
-                drop_text=drop,
-            )
-
+        fn3 = self._guidable(emb, tokens, drop_image_emb=drop_image_emb, drop_caption=drop_caption)
         size = self.cfg.image_size
         was_training = self.training
         self.eval()
@@ -147,7 +175,9 @@ class Decoder(nn.Module):
             x = self.diffusion.sample(
                 self.diffusion.guided(fn3, scale),
                 (b, 3, size, size),
+                sampler=sampler,
                 steps=steps,
+                eta=eta,
                 noise=None if noise is None else noise.to(device, torch.float32),
                 generator=generator,
                 device=device,
@@ -155,3 +185,43 @@ class Decoder(nn.Module):
         finally:
             self.train(was_training)
         return x.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def invert(
+        self,
+        image: torch.Tensor,
+        image_emb: torch.Tensor,
+        text_tokens: torch.Tensor,
+        *,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        drop_image_emb: bool = False,
+        drop_caption: bool = False,
+    ) -> torch.Tensor:
+        """The DDIM-inverted latent x_T (B, 3, H, W) of 64px images (B, 3, H, W) in [-1, 1]:
+        the deterministic DDIM ODE (Song et al. 2021 §4.3) run forward with this decoder's model
+        conditioned on ``image_emb`` and ``text_tokens`` (:meth:`GaussianDiffusion.ddim_invert`).
+        (z_i, x_T) is the paper's bipartite latent (section 3): ``sample(image_emb, text_tokens,
+        noise=x_T, sampler="ddim", eta=0)`` with the same ``guidance_scale``, ``steps`` and drop
+        flags reconstructs the image up to discretisation error. ``guidance_scale`` defaults to the
+        config's, as :meth:`sample`'s does, so the defaults of both agree."""
+        emb, tokens = self._inputs(image_emb, text_tokens)
+        device = emb.device
+        size = self.cfg.image_size
+        if image.ndim != 4 or tuple(image.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"invert needs (B, 3, {size}, {size}) images, got {tuple(image.shape)}"
+            )
+        if image.shape[0] != emb.shape[0]:
+            raise ValueError(f"{image.shape[0]} images but {emb.shape[0]} image embeddings")
+        scale = self.diffusion.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        fn3 = self._guidable(emb, tokens, drop_image_emb=drop_image_emb, drop_caption=drop_caption)
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.diffusion.ddim_invert(
+                self.diffusion.guided(fn3, scale), image.to(device, torch.float32), steps=steps
+            )
+        finally:
+            self.train(was_training)
+        return x.float()

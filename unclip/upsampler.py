@@ -22,6 +22,8 @@ Set ``sample_blur_sigma: 0`` to feed the low-res image unchanged.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,13 +139,16 @@ class Upsampler(nn.Module):
         steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        sampler: Literal["ddpm", "ddim"] | None = None,
+        eta: float | None = None,
     ) -> torch.Tensor:
         """High-res images (B, 3, high_res, high_res) in [-1, 1] from low-res ones (B, 3, low_res,
         low_res), at full resolution. A ``low_res`` of another size gives an output scaled by
         high_res / low_res (its sides must stay divisible by 2^(levels−1)). The conditioning image
         gets the fixed ``sample_blur_sigma`` blur (module docstring). ``steps`` respaces the sampler
         (default: the diffusion config's ``sampling_steps``, e.g. DDIM 27 / 15 in the paper);
-        ``noise`` is x_T. Runs the network in eval mode and restores its mode afterwards."""
+        ``noise`` is x_T; ``sampler`` and the DDIM ``eta`` default to the diffusion config's. Runs
+        the network in eval mode and restores its mode afterwards."""
         device, dtype = self._device_dtype()
         low = low_res.to(device, dtype).clamp(-1, 1)
         b, _, h, w = low.shape
@@ -164,7 +169,9 @@ class Upsampler(nn.Module):
             x = self.diffusion.sample(
                 model_fn,
                 (b, 3, *size),
+                sampler=sampler,
                 steps=steps,
+                eta=eta,
                 noise=None if noise is None else noise.to(device, torch.float32),
                 generator=generator,
                 device=device,
