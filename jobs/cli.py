@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "write the synthetic captioned-shapes dataset as webdataset shards"),
     "ingest": ("ingest", "download an image-text URL list into webdataset shards (img2dataset)"),
     "embed": ("embed", "CLIP image and text embeddings of the shards into the embedding store"),
+    "train-clip": ("train_clip", "train (or fine-tune) an open_clip model on the shards"),
+    "train-prior": ("train_prior", "train the prior: text → CLIP image embedding"),
+    "train-decoder": ("train_decoder", "train the 64px decoder: CLIP image embedding → image"),
+    "train-upsampler": ("train_upsampler", "train an upsampler: 64→256 or 256→1024"),
     "config": ("show_config", "check a stage's config and print it resolved"),
 }
 

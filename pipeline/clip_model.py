@@ -54,21 +54,40 @@ def _is_path(pretrained: str) -> bool:
     return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
+def _model_config_path(path: str) -> str | None:
+    """A local file for a model-config JSON given as a path (relative to the working directory or,
+    as on Ray workers whose working directory differs, to the project root) or an ``s3://`` URL."""
+    if "://" in path and not path.startswith("file://"):
+        storage = Storage()
+        if not storage.exists(path):
+            return None
+        local = os.path.join(tempfile.mkdtemp(prefix="unclip-clipcfg-"), os.path.basename(path))
+        with open(local, "wb") as handle:
+            handle.write(storage.read_bytes(path))
+        return local
+    path = path[len("file://") :] if path.startswith("file://") else path
+    candidates = [path]
+    if not os.path.isabs(path):
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(__file__)), path))
+    return next((c for c in candidates if os.path.exists(c)), None)
+
+
 def register_model_config(source: ClipSource) -> None:
     """Register ``source.model_config`` with open_clip (a JSON file named after the model)."""
     if not source.model_config:
         return
     import open_clip
 
-    path = source.model_config
-    if not os.path.exists(path):
+    path = _model_config_path(source.model_config)
+    if path is None:
         raise UserFacingError(
-            f"CLIP model config {path} does not exist (config key: clip.model_config)"
+            f"CLIP model config {source.model_config} does not exist (config key: clip.model_config)"
         )
     name = os.path.splitext(os.path.basename(path))[0]
     if name != source.model:
         raise UserFacingError(
-            f"clip.model_config {path} registers the model {name!r}, but clip.model is {source.model!r}"
+            f"clip.model_config {source.model_config} registers the model {name!r}, but clip.model "
+            f"is {source.model!r}"
         )
     open_clip.add_model_config(path)
 
@@ -112,7 +131,8 @@ def latest_clip_weights(storage: Storage, run_url: str) -> str:
 
 def identity(source: ClipSource, checkpoint: str | None) -> ClipIdentity:
     """The CLIP's identity: model + tag, or model + checkpoint hash (+ config hash)."""
-    config_sha = _sha256_file(source.model_config)[:12] if source.model_config else None
+    config_path = _model_config_path(source.model_config) if source.model_config else None
+    config_sha = _sha256_file(config_path)[:12] if config_path else None
     if checkpoint:
         sha = _sha256_file(checkpoint)
         ident = f"{source.model}--ckpt-{sha[:12]}"

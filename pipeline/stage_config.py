@@ -61,7 +61,12 @@ class ScalingOptions:
 
     num_workers: int = param(1, "training workers (one per GPU on a GPU cluster)", ge=1)
     use_gpu: bool = param(False, "give each worker a GPU")
-    cpus_per_worker: float = param(1.0, "CPUs reserved per worker", gt=0)
+    cpus_per_worker: float = param(
+        1.0, "CPUs reserved per worker (leave some for Ray Data's reading on small machines)", gt=0
+    )
+    strategy: Literal["ddp", "fsdp"] = param(
+        "ddp", "data parallelism: DDP, or FSDP to shard a large decoder's weights and optimizer"
+    )
     resources_per_worker: dict[str, float] = param(
         factory=dict, doc="extra custom resources per worker, e.g. {accelerator_type:H100: 0.01}"
     )
@@ -93,6 +98,16 @@ class TrainOptions:
     seed: int = param(0, "random seed")
     log_every: int = param(10, "steps between metric reports", ge=1)
     max_failures: int = param(3, "worker failures survived before the run fails", ge=-1)
+    cache_data: Literal["auto", "always", "never"] = param(
+        "auto",
+        "keep the training rows in Ray's object store across epochs (auto: when they fit in a "
+        "quarter of it) instead of re-reading them each epoch",
+    )
+    stop_at_step: int | None = param(
+        None,
+        "end this run at this step with a checkpoint; rerunning continues (for time-limited jobs)",
+        ge=1,
+    )
 
     def validate(self) -> None:
         require(self.max_failures >= -1, "max_failures", "must be -1 (unlimited) or more")

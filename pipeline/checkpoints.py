@@ -1,0 +1,137 @@
+"""Stage checkpoints: what one holds, how it is written, and how readers find the latest whole one.
+
+A checkpoint is a folder (Ray Train persists it as ``<root>/checkpoints/<run>/checkpoint_<time>/``)::
+
+    model.safetensors      the stage model's weights
+    ema.safetensors        the EMA of those weights (what sampling uses), float32
+    optimizer.pt           AdamW state (tensors and numbers only; loaded with weights_only=True)
+    state.json             step, schedule, EMA counters, samples seen, the stage
+    config.yaml            the stage config that trained it
+    samples.png, loss.png  a grid of EMA samples (image stages) and the loss curve so far
+    checkpoint.json        written last: the step and every file's size
+
+Nothing is unpickled on load. A checkpoint counts only when ``checkpoint.json`` is present and every
+file it lists has its size, so one whose upload was interrupted is never picked up, by the resuming
+run or by sampling and evaluation (:func:`latest_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import UserFacingError
+from pipeline.storage import Storage, basename, join
+
+MARKER = "checkpoint.json"
+FORMAT_VERSION = 1
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory (tied weights): store independent copies
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def write_local(
+    folder: str,
+    *,
+    model_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any] | None,
+    state: dict[str, Any],
+    config_yaml: str,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Write a checkpoint into a local folder (Ray Train then persists it); the marker goes last."""
+    os.makedirs(folder, exist_ok=True)
+    save_file(_contiguous(model_state), os.path.join(folder, "model.safetensors"))
+    if ema_state is not None:
+        save_file(_contiguous(ema_state), os.path.join(folder, "ema.safetensors"))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, os.path.join(folder, "optimizer.pt"))
+    with open(os.path.join(folder, "state.json"), "w") as handle:
+        json.dump(state, handle, indent=2, sort_keys=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as handle:
+        handle.write(config_yaml)
+    for name, data in (extra_files or {}).items():
+        with open(os.path.join(folder, name), "wb") as handle:
+            handle.write(data)
+    files = {
+        name: os.path.getsize(os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if name != MARKER
+    }
+    marker = {"format_version": FORMAT_VERSION, "step": state["step"], "files": files}
+    with open(os.path.join(folder, MARKER), "w") as handle:
+        json.dump(marker, handle, indent=2)
+
+
+def is_complete_local(folder: str) -> bool:
+    """Whether a local checkpoint folder is whole (marker present, every listed size right)."""
+    try:
+        with open(os.path.join(folder, MARKER)) as handle:
+            marker = json.load(handle)
+        return all(
+            os.path.getsize(os.path.join(folder, name)) == size
+            for name, size in marker["files"].items()
+        )
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def read_local(folder: str) -> dict[str, Any]:
+    """Load a local checkpoint folder: tensors via safetensors, the optimizer with weights_only."""
+    if not is_complete_local(folder):
+        raise UserFacingError(f"checkpoint {folder} is incomplete (its write was interrupted)")
+    out: dict[str, Any] = {"model": load_file(os.path.join(folder, "model.safetensors"))}
+    ema_path = os.path.join(folder, "ema.safetensors")
+    out["ema"] = load_file(ema_path) if os.path.exists(ema_path) else None
+    opt_path = os.path.join(folder, "optimizer.pt")
+    out["optimizer"] = (
+        torch.load(opt_path, map_location="cpu", weights_only=True)
+        if os.path.exists(opt_path)
+        else None
+    )
+    with open(os.path.join(folder, "state.json")) as handle:
+        out["state"] = json.load(handle)
+    with open(os.path.join(folder, "config.yaml")) as handle:
+        out["config_yaml"] = handle.read()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers outside Ray Train (sampling, evaluation, embedding with a trained CLIP)
+
+
+def list_checkpoints(storage: Storage, run_url: str) -> list[tuple[int, str]]:
+    """(step, url) of every whole checkpoint under a run folder, by step."""
+    found = []
+    for url in storage.list(run_url):
+        if not basename(url).startswith("checkpoint_"):
+            continue
+        marker_url = join(url, MARKER)
+        if not storage.exists(marker_url):
+            continue
+        try:
+            marker = storage.read_json(marker_url)
+            whole = all(storage.size(join(url, n)) == s for n, s in marker["files"].items())
+        except Exception:
+            whole = False
+        if whole:
+            found.append((int(marker["step"]), url))
+    return sorted(found)
+
+
+def latest_checkpoint(storage: Storage, url: str) -> str:
+    """The checkpoint folder named by ``url``: itself if it is a checkpoint, else the latest whole
+    checkpoint of the run folder ``url``."""
+    if storage.exists(join(url, MARKER)):
+        return url
+    found = list_checkpoints(storage, url)
+    if not found:
+        raise UserFacingError(f"no complete checkpoint under {url} (train that stage first)")
+    return found[-1][1]

@@ -1,0 +1,350 @@
+"""What differs between the training stages: their data, their model, their pictures.
+
+The shared driver (``pipeline.trainer``) and worker loop (``pipeline.train_loop``) are the same for
+every stage; a :class:`StageSpec` supplies the rest:
+
+* ``prepare`` (driver): the Ray Dataset of training rows and a small ``info`` dict for the workers
+  (embedding dim, the store's identity, a sample for the AR prior's PCA fit, ...);
+* ``build`` (worker): the stage model from ``unclip`` (it has ``loss(batch, generator)``);
+* ``collate`` (worker): a batch of tensors from Ray Data into the model's inputs;
+* ``pictures`` (worker, rank 0): a PNG grid of EMA samples at each checkpoint;
+* ``exports`` (worker, rank 0): extra files in the checkpoint (train-clip's open_clip weights);
+* ``compatible``: config keys that must not change when a run resumes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.embed_store import EmbeddingStore, column_array, decode_image, image_dataset
+from pipeline.errors import UserFacingError
+from pipeline.shards import completed_shards, iter_tar_samples, shard_urls
+from pipeline.stage_config import (
+    DecoderConfig,
+    PriorConfig,
+    TrainClipConfig,
+    TrainStageConfig,
+    UpsamplerConfig,
+)
+from pipeline.storage import Storage
+
+GRID_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    config_cls: type[TrainStageConfig]
+    prepare: Callable[[Any, Storage], tuple[Any, dict[str, Any]]]
+    build: Callable[[Any, dict[str, Any]], nn.Module]
+    collate: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    compatible: tuple[str, ...]
+    pictures: Callable[[nn.Module, dict[str, torch.Tensor], Any], bytes | None] | None = None
+    exports: Callable[[nn.Module, Any], dict[str, bytes]] | None = None
+
+
+def to_images(uint8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float in [-1, 1]."""
+    return uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def grid_png(rows: list[torch.Tensor]) -> bytes:
+    """Rows of (N, 3, H, W) images in [-1, 1] (upscaled to the largest side) as one PNG."""
+    from PIL import Image
+
+    side = max(r.shape[-1] for r in rows)
+    rows = [torch.nn.functional.interpolate(r.float(), size=side, mode="nearest") for r in rows]
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows·H, N·W)
+    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def shard_images(storage: Storage, folder: str, image_size: int):
+    """A Ray Dataset of the images (``image``, uint8) and captions of a shard folder, streamed."""
+    import ray
+
+    ids = completed_shards(storage, folder)
+    if not ids:
+        raise UserFacingError(
+            f"no complete shards at {folder} (run `unclip synth` or `unclip ingest`)"
+        )
+
+    def read(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        for sample in iter_tar_samples(storage, shard_urls(folder, item["id"])["tar"]):
+            data = sample.get("jpg") or sample.get("png") or sample.get("webp")
+            if data is None:
+                continue
+            try:
+                image = decode_image(data, image_size)
+            except Exception:
+                continue  # the embedding job counts bad images; here they are just not used
+            yield {"image": image, "caption": (sample.get("txt") or b"").decode("utf-8", "replace")}
+
+    return ray.data.from_items([{"id": i} for i in ids], override_num_blocks=len(ids)).flat_map(
+        read
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior
+
+
+def _store(cfg: Any, storage: Storage) -> EmbeddingStore:
+    return EmbeddingStore.locate(storage, cfg.url(cfg.store), cfg.clip_id)
+
+
+def _store_info(store: EmbeddingStore, image_size: int = 0) -> dict[str, Any]:
+    manifest = store.manifest()
+    dim, context = int(manifest["embed_dim"]), int(manifest["tokenizer"]["context_length"])
+    rows = sum(r["rows"] for r in store.completed().values())
+    return {
+        "store": store.url,
+        "clip": manifest["clip"]["id"],
+        "embed_dim": dim,
+        "context_length": context,
+        "estimated_bytes": rows * (4 * dim + 4 * context + 3 * image_size**2),
+    }
+
+
+def _shard_rows(storage: Storage, folder: str) -> int:
+    return sum(
+        int(storage.read_json(shard_urls(folder, i)["stats"]).get("successes", 0))
+        for i in completed_shards(storage, folder)
+    )
+
+
+def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+    store = _store(cfg, storage)
+    info = _store_info(store)
+    if cfg.model.kind == "autoregressive":  # the PCA and buckets are fitted on the store
+        table = store.read_all(["image_emb", "text_emb"])
+        rng = np.random.default_rng(cfg.train.seed)
+        keep = np.sort(rng.permutation(table.num_rows)[:100_000])
+        info["fit_image_emb"] = column_array(table, "image_emb")[keep].astype(np.float32)
+        info["fit_text_emb"] = column_array(table, "text_emb")[keep].astype(np.float32)
+    return store.dataset(["text_emb", "text_tokens", "image_emb"]), info
+
+
+def build_prior(cfg: PriorConfig, info: dict[str, Any]) -> nn.Module:
+    from unclip.prior import build_prior as build
+
+    model = build(cfg.model, cfg.diffusion, embed_dim=info["embed_dim"])
+    if cfg.model.kind == "autoregressive":
+        model.fit_quantizer(
+            torch.from_numpy(info["fit_image_emb"]), torch.from_numpy(info["fit_text_emb"])
+        )
+    return model
+
+
+def collate_embeddings(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.long() if k == "text_tokens" else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder
+
+
+def prepare_decoder(cfg: DecoderConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+    store = _store(cfg, storage)
+    dataset = image_dataset(
+        storage,
+        cfg.url(cfg.shards),
+        store,
+        image_size=cfg.model.image_size,
+        columns=("image_emb", "text_tokens"),
+    ).drop_columns(["key"])
+    return dataset, _store_info(store, cfg.model.image_size)
+
+
+def build_decoder(cfg: DecoderConfig, info: dict[str, Any]) -> nn.Module:
+    from unclip.decoder import Decoder
+
+    return Decoder(cfg.model, cfg.diffusion, embed_dim=info["embed_dim"])
+
+
+def collate_images(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {"image": to_images(batch["image"])}
+    for key in ("image_emb", "text_tokens"):
+        if key in batch:
+            out[key] = batch[key].long() if key == "text_tokens" else batch[key]
+    return out
+
+
+def decoder_pictures(model: nn.Module, batch: dict[str, torch.Tensor], cfg: DecoderConfig) -> bytes:
+    """Top row: training images; bottom: the EMA decoder's samples from their CLIP embeddings."""
+    n = min(GRID_SAMPLES, len(batch["image"]))
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    steps = min(cfg.diffusion.sampling_steps, 50)
+    samples = model.sample(
+        batch["image_emb"][:n], batch["text_tokens"][:n], steps=steps, generator=generator
+    )
+    return grid_png([batch["image"][:n].cpu(), samples.cpu()])
+
+
+# ----------------------------------------------------------------------------------------------
+# Upsampler
+
+
+def prepare_upsampler(cfg: UpsamplerConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+    folder = cfg.url(cfg.shards)
+    dataset = shard_images(storage, folder, cfg.model.high_res).drop_columns(["caption"])
+    return dataset, {"estimated_bytes": _shard_rows(storage, folder) * 3 * cfg.model.high_res**2}
+
+
+def build_upsampler(cfg: UpsamplerConfig, info: dict[str, Any]) -> nn.Module:
+    from unclip.upsampler import Upsampler
+
+    return Upsampler(cfg.model, cfg.diffusion)
+
+
+def upsampler_pictures(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: UpsamplerConfig
+) -> bytes:
+    """Rows: the low-res input, the EMA upsampler's output, the real high-res image."""
+    from unclip.upsampler import downscale
+
+    n = min(GRID_SAMPLES // 2, len(batch["image"]))
+    high = batch["image"][:n].float()
+    low = downscale(high, cfg.model.low_res)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    samples = model.sample(low, steps=min(cfg.diffusion.sampling_steps, 25), generator=generator)
+    return grid_png([low.cpu(), samples.cpu(), high.cpu()])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP (contrastive training with open_clip's model and loss)
+
+
+class ClipStage(nn.Module):
+    """An open_clip model trained with open_clip's contrastive loss, gathered over workers."""
+
+    def __init__(self, cfg: TrainClipConfig) -> None:
+        super().__init__()
+        import open_clip
+
+        from pipeline.clip_model import register_model_config
+
+        register_model_config(cfg.clip)
+        self.clip = open_clip.create_model(cfg.clip.model, pretrained=cfg.clip.pretrained)
+        mean = self.clip.visual.image_mean or open_clip.OPENAI_DATASET_MEAN
+        std = self.clip.visual.image_std or open_clip.OPENAI_DATASET_STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.contrastive = None
+
+    def _loss_fn(self):
+        if self.contrastive is None:
+            import torch.distributed as dist
+            from open_clip.loss import ClipLoss
+
+            distributed = dist.is_available() and dist.is_initialized()
+            self.contrastive = ClipLoss(
+                local_loss=False,
+                gather_with_grad=True,
+                rank=dist.get_rank() if distributed else 0,
+                world_size=dist.get_world_size() if distributed else 1,
+            )
+        return self.contrastive
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        images = ((batch["image"] + 1) / 2 - self.mean) / self.std
+        image_features, text_features, logit_scale = self.clip(images, batch["text_tokens"])[:3]
+        return self._loss_fn()(image_features, text_features, logit_scale)
+
+    forward = loss
+
+
+def prepare_clip(cfg: TrainClipConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+    import open_clip
+
+    from pipeline.clip_model import register_model_config
+
+    register_model_config(cfg.clip)
+    config = open_clip.get_model_config(cfg.clip.model)
+    size = config["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, list | tuple) else int(size)
+    source = cfg.clip
+
+    def tokenize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.embed import _tokenizer
+
+        tokens = _tokenizer(source)([str(c) for c in batch["caption"]]).numpy().astype(np.int32)
+        return {"image": batch["image"], "text_tokens": tokens}
+
+    folder = cfg.url(cfg.shards)
+    dataset = shard_images(storage, folder, size).map_batches(tokenize)
+    return dataset, {
+        "image_size": size,
+        "estimated_bytes": _shard_rows(storage, folder) * 3 * size**2,
+    }
+
+
+def build_clip(cfg: TrainClipConfig, info: dict[str, Any]) -> nn.Module:
+    return ClipStage(cfg)
+
+
+def clip_exports(model: nn.Module, cfg: TrainClipConfig) -> dict[str, bytes]:
+    """The EMA CLIP in open_clip's format, so ``unclip embed clip.pretrained=<run>`` loads it."""
+    from safetensors.torch import save
+
+    state = {
+        k[len("clip.") :]: v.detach().cpu().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if k.startswith("clip.")
+    }
+    return {"clip.safetensors": save(state)}
+
+
+_DIFFUSION_KEYS = (
+    "diffusion.timesteps",
+    "diffusion.schedule",
+    "diffusion.objective",
+    "diffusion.learned_variance",
+)
+
+STAGES: dict[str, StageSpec] = {
+    "train-prior": StageSpec(
+        "train-prior",
+        PriorConfig,
+        prepare_prior,
+        build_prior,
+        collate_embeddings,
+        ("model", *_DIFFUSION_KEYS, "store", "clip_id"),
+    ),
+    "train-decoder": StageSpec(
+        "train-decoder",
+        DecoderConfig,
+        prepare_decoder,
+        build_decoder,
+        collate_images,
+        ("model", *_DIFFUSION_KEYS, "store", "clip_id"),
+        pictures=decoder_pictures,
+    ),
+    "train-upsampler": StageSpec(
+        "train-upsampler",
+        UpsamplerConfig,
+        prepare_upsampler,
+        build_upsampler,
+        collate_images,
+        ("model", *_DIFFUSION_KEYS),
+        pictures=upsampler_pictures,
+    ),
+    "train-clip": StageSpec(
+        "train-clip",
+        TrainClipConfig,
+        prepare_clip,
+        build_clip,
+        collate_images,
+        ("clip",),
+        exports=clip_exports,
+    ),
+}

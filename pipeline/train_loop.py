@@ -1,0 +1,284 @@
+"""The per-worker training loop shared by every stage; the only place Ray Train is touched.
+
+Each worker: builds the stage model (``pipeline.stages``), restores the latest checkpoint Ray Train
+hands it (model, EMA, AdamW, schedule, step, data position, loss history), wraps the model with
+``ray.train.torch.prepare_model`` (DDP, or FSDP by config), then steps: gradient accumulation,
+bf16 autocast on GPU, gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
+steps it reports loss, learning rate, samples/s, step time and ETA (printed by rank 0, written for
+TensorBoard); every ``checkpoint.every_steps`` and at the end rank 0 writes a checkpoint with a grid
+of EMA samples and the loss curve. The randomness of each step (timesteps, noise, dropout) is seeded
+by (seed, step, rank), so a resumed run draws what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import checkpoints
+from pipeline import config as configlib
+from pipeline.plots import loss_curve_png
+from pipeline.stages import STAGES, StageSpec
+from pipeline.storage import Storage, join
+from unclip.ema import EMA
+
+
+class LossOf(nn.Module):
+    """``forward`` = the stage model's ``loss``, so DDP/FSDP wrap the loss computation."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        return self.model.loss(batch, generator=generator)
+
+
+def lr_factor(step: int, cfg: Any) -> float:
+    """Linear warm-up to 1, then constant, cosine or linear decay to ``min_lr_ratio``."""
+    optim, total = cfg.optim, cfg.train.steps
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1 - progress
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+
+def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or 1-d embeddings)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
+    )
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
+
+
+def _autocast(cfg: Any, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _all_mean(value: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _restore_ema(
+    ema: EMA, model: nn.Module, averaged: dict[str, torch.Tensor], state: dict
+) -> None:
+    params = {name for name, _ in model.named_parameters()}
+    ema.load_state_dict(
+        {
+            "shadow": {k: v for k, v in averaged.items() if k in params},
+            "buffers": {k: v for k, v in averaged.items() if k not in params},
+            "step": state["ema"]["step"],
+            "num_updates": state["ema"]["num_updates"],
+        }
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    spec: StageSpec = STAGES[loop_config["stage"]]
+    cfg, info = loop_config["cfg"], loop_config["info"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    storage = Storage(cfg.storage)
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every worker
+    model = spec.build(cfg, info).to(device)
+    ema = EMA(
+        model, cfg.ema.decay, update_every=cfg.ema.update_every, start_step=cfg.ema.start_step
+    )
+    optimizer = make_optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "samples": 0,
+        "history": [],
+    }
+
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            saved = checkpoints.read_local(folder)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.update(saved["state"])
+        schedule.load_state_dict(state.pop("scheduler"))
+        if saved["ema"] is not None:
+            _restore_ema(ema, model, saved["ema"], state)
+        if rank == 0:
+            print(f"[{spec.name}] resumed at step {state['step']} from {resumed.path}", flush=True)
+
+    strategy = getattr(cfg.scaling, "strategy", "ddp")
+    wrapped = LossOf(model)
+    if world > 1:
+        wrapped = ray.train.torch.prepare_model(wrapped, parallel_strategy=strategy)
+
+    accum = cfg.optim.grad_accum
+    per_worker = cfg.train.batch_size // (world * accum)
+    shard = ray.train.get_dataset_shard("train")
+    data = _batches(shard, spec, state, per_worker, device)
+    end_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+
+    writer = None
+    tb_dir = tempfile.mkdtemp(prefix="unclip-tb-")
+    if rank == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(tb_dir)
+    preview: dict[str, torch.Tensor] | None = None
+    step_time = None
+    while state["step"] < end_step:
+        started = time.perf_counter()
+        step = state["step"]
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(data)
+            if preview is None:
+                preview = {k: v[:8].detach().cpu() for k, v in batch.items()}
+            seed = step_seed(cfg.train.seed, step, rank, micro)
+            torch.manual_seed(seed)  # dropout and conditioning-dropout draws
+            generator = torch.Generator().manual_seed(seed)
+            sync = (
+                wrapped.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
+            )
+            with sync, _autocast(cfg, device):
+                loss = wrapped(batch, generator)
+            (loss.float() / accum).backward()
+            total += loss.detach().float()
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"[{spec.name}] loss is {float(total)} at step {step}")
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        schedule.step()
+        state["step"] = step = step + 1
+        state["samples"] += cfg.train.batch_size
+        ema.update(model, step)
+
+        elapsed = time.perf_counter() - started
+        step_time = elapsed if step_time is None else 0.9 * step_time + 0.1 * elapsed
+        checkpoint_now = step % cfg.checkpoint.every_steps == 0 or step == end_step
+        if step % cfg.train.log_every and not checkpoint_now:
+            continue
+        loss_value = _all_mean(total / accum)
+        metrics = {
+            "step": step,
+            "loss": loss_value,
+            "lr": schedule.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "samples_per_s": cfg.train.batch_size / step_time,
+            "step_time_s": step_time,
+            "eta_s": step_time * (cfg.train.steps - step),
+            "epoch": state["epoch"],
+        }
+        state["history"].append([step, loss_value])
+        if rank == 0:
+            eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
+            print(
+                f"[{spec.name}] step {step}/{cfg.train.steps} loss {loss_value:.4f} "
+                f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
+                f"{step_time * 1000:.0f} ms/step ETA {eta}",
+                flush=True,
+            )
+            for key, value in metrics.items():
+                writer.add_scalar(f"train/{key}", value, step)
+            writer.flush()
+        checkpoint = None
+        if checkpoint_now and rank == 0:
+            folder = tempfile.mkdtemp(prefix="unclip-ckpt-")
+            extra = {"loss.png": loss_curve_png(state["history"], f"{cfg.run}: training loss")}
+            ema_model = ema.ema_model
+            if spec.pictures is not None and preview is not None:
+                was = ema_model.training
+                ema_model.eval()
+                batch = {k: v.to(device) for k, v in preview.items()}
+                extra["samples.png"] = spec.pictures(ema_model, batch, cfg)
+                ema_model.train(was)
+            if spec.exports is not None:
+                extra.update(spec.exports(ema_model, cfg))
+            checkpoints.write_local(
+                folder,
+                model_state=model.state_dict(),
+                ema_state=ema.averaged_state_dict(),
+                optimizer_state=optimizer.state_dict(),
+                state={
+                    **state,
+                    "scheduler": schedule.state_dict(),
+                    "ema": {"step": ema.step, "num_updates": ema.num_updates},
+                    "stage": spec.name,
+                    "info": {k: v for k, v in info.items() if not k.startswith("fit_")},
+                },
+                config_yaml=configlib.dumps(cfg),
+                extra_files=extra,
+            )
+            checkpoint = Checkpoint.from_directory(folder)
+            storage.copy_from_local(tb_dir, join(cfg.run_url(), "tensorboard"))
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+    if writer is not None:
+        writer.close()
+    shutil.rmtree(tb_dir, ignore_errors=True)
+
+
+def _batches(
+    shard: Any, spec: StageSpec, state: dict[str, Any], per_worker: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches forever, epoch after epoch, resuming at the saved position in the saved epoch."""
+    skip = state["batch_in_epoch"]
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True):
+            seen += 1
+            if skip:
+                skip -= 1
+                continue
+            state["batch_in_epoch"] = seen
+            yield {k: v.to(device) for k, v in spec.collate(batch).items()}
+        if seen == 0:
+            raise RuntimeError(
+                f"[{spec.name}] the dataset gave no batch of {per_worker} rows per worker: "
+                "lower train.batch_size or add data"
+            )
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0

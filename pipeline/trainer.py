@@ -1,0 +1,129 @@
+"""The stage-training driver shared by every stage: checks, then one Ray Train ``TorchTrainer``.
+
+Before anything is asked of the cluster: the config is already typed and checked; storage is
+reachable and writable; a run folder that already holds checkpoints was trained with a compatible
+config (same model, diffusion process and data), else the run is refused with the keys that differ
+rather than silently resumed. Then the run's config is saved beside its checkpoints and a
+``TorchTrainer`` runs ``pipeline.train_loop`` with the stage's Ray Dataset, a ``RunConfig`` named
+after the run on the shared storage (so rerunning the same command resumes from the latest
+checkpoint), checkpoints kept and ``FailureConfig``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pipeline import checkpoints, cluster
+from pipeline import config as configlib
+from pipeline.errors import UserFacingError
+from pipeline.stages import STAGES
+from pipeline.storage import Storage, join, parent
+from pipeline.train_loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    value = configlib.to_dict(cfg)
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_compatible(stage: str, cfg: Any, storage: Storage) -> None:
+    """Refuse to resume a run whose latest checkpoint was trained with an incompatible config."""
+    spec = STAGES[stage]
+    found = checkpoints.list_checkpoints(storage, cfg.run_url())
+    if not found:
+        return
+    step, url = found[-1]
+    text = storage.read_text(join(url, "config.yaml"))
+    saved = configlib.from_dict(spec.config_cls, configlib.read_yaml_text(text), source=url)
+    changed = [key for key in spec.compatible if _get(saved, key) != _get(cfg, key)]
+    if changed:
+        details = "; ".join(
+            f"{k}: {_get(saved, k)!r} in the run, {_get(cfg, k)!r} now" for k in changed
+        )
+        raise UserFacingError(
+            f"run {cfg.run_url()} was trained to step {step} with another config ({details}); "
+            "use another run name (run=...) to start afresh, or restore those settings to resume"
+        )
+
+
+def _maybe_cache(dataset: Any, estimated_bytes: int | None, policy: str) -> Any:
+    """Materialise small training sets once, so epochs do not re-read and re-decode them."""
+    import ray
+
+    budget = 0.25 * ray.cluster_resources().get("object_store_memory", 0)
+    if policy == "always" or (
+        policy == "auto" and estimated_bytes is not None and estimated_bytes < budget
+    ):
+        log.info(
+            "caching the training rows in the object store (~%.1f MB)", (estimated_bytes or 0) / 1e6
+        )
+        return dataset.materialize()
+    return dataset
+
+
+def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[str, Any]:
+    """Train one stage to ``cfg.train.steps`` (or ``stop_at_step``), resuming if it has checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = STAGES[stage]
+    storage = storage or Storage(cfg.storage)
+    run_url = cfg.run_url()
+    storage.check(run_url, write=True)
+    check_compatible(stage, cfg, storage)
+    cluster.connect(cfg.ray)
+    dataset, info = spec.prepare(cfg, storage)
+    dataset = _maybe_cache(dataset, info.pop("estimated_bytes", None), cfg.train.cache_data)
+    storage.write_text(join(run_url, "config.yaml"), configlib.dumps(cfg))
+
+    filesystem, path = storage.arrow_filesystem(parent(run_url))
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage": stage, "cfg": cfg, "info": info},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=cfg.run,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        datasets={"train": dataset},
+    )
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise UserFacingError(f"{stage} run {run_url} failed: {type(exc).__name__}: {exc}") from exc
+    metrics = dict(result.metrics or {})
+    return {
+        "stage": stage,
+        "run": run_url,
+        "step": metrics.get("step"),
+        "loss": metrics.get("loss"),
+        "checkpoint": checkpoints.latest_checkpoint(storage, run_url),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    loss = summary["loss"]
+    return (
+        f"{summary['stage']}: step {summary['step']}, loss {loss:.4f}, "
+        f"latest checkpoint {summary['checkpoint']} ({summary['seconds']} s)"
+        if loss is not None
+        else f"{summary['stage']}: nothing left to train; latest checkpoint {summary['checkpoint']}"
+    )

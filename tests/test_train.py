@@ -1,0 +1,224 @@
+"""Stage trainings on Ray Train with 2 CPU workers: the loss falls for each stage, on local disk and
+the S3 endpoint; a stopped run resumes at its step and continues like an uninterrupted one; an
+incompatible config is refused; an interrupted checkpoint is never picked up."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+from conftest import Root
+from test_embed import _embed_cfg, _synth, _tiny_clip_checkpoint
+
+from pipeline import checkpoints
+from pipeline import config as configlib
+from pipeline.embed import run_embedding
+from pipeline.errors import UserFacingError
+from pipeline.stage_config import (
+    DecoderConfig,
+    PriorConfig,
+    TrainClipConfig,
+    UpsamplerConfig,
+)
+from pipeline.storage import join
+from pipeline.trainer import run_training
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    return _tiny_clip_checkpoint(str(tmp_path_factory.mktemp("clip") / "tiny.safetensors"), 0)
+
+
+def _dataset(root: Root, tiny_clip: str, n: int = 128) -> None:
+    _synth(root, n, 32)
+    run_embedding(_embed_cfg(root, tiny_clip), root.storage)
+
+
+def _cfg(cls: type, name: str, root: Root, *overrides: str):
+    path = os.path.join(CONFIGS, name, "tiny.yaml")
+    cfg = configlib.load(cls, path, [f"root={root.url}", "train.log_every=5", *overrides])
+    return dataclasses.replace(cfg, storage=root.storage.options)
+
+
+def _history(root: Root, run_url: str) -> tuple[list[list[float]], str]:
+    latest = checkpoints.latest_checkpoint(root.storage, run_url)
+    return root.storage.read_json(join(latest, "state.json"))["history"], latest
+
+
+def _assert_falls(history: list[list[float]], fraction: float) -> None:
+    first, last = history[0][1], history[-1][1]
+    assert last < fraction * first, f"loss went {first:.4f} → {last:.4f} ({history})"
+
+
+def test_prior_trains_on_two_workers(storage_root: Root, ray_local, tiny_clip) -> None:
+    _dataset(storage_root, tiny_clip)
+    cfg = _cfg(
+        PriorConfig,
+        "prior",
+        storage_root,
+        "train.steps=30",
+        "checkpoint.every_steps=15",
+        "train.batch_size=32",
+        "optim.warmup_steps=5",
+    )
+    summary = run_training("train-prior", cfg, storage_root.storage)
+    assert summary["step"] == 30
+    history, latest = _history(storage_root, cfg.run_url())
+    _assert_falls(history, 0.5)
+    marker = storage_root.storage.read_json(join(latest, "checkpoint.json"))
+    assert {
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.pt",
+        "state.json",
+        "config.yaml",
+        "loss.png",
+    } <= set(marker["files"])
+    assert len(checkpoints.list_checkpoints(storage_root.storage, cfg.run_url())) == 2
+    assert storage_root.storage.list(join(cfg.run_url(), "tensorboard"))
+    saved = configlib.from_dict(
+        PriorConfig,
+        configlib.read_yaml_text(
+            storage_root.storage.read_text(join(cfg.run_url(), "config.yaml"))
+        ),
+        source="saved",
+    )
+    assert saved.model == cfg.model
+
+
+@pytest.mark.parametrize(
+    ("stage", "cls", "folder", "overrides", "fraction"),
+    [
+        (
+            "train-decoder",
+            DecoderConfig,
+            "decoder",
+            [
+                "model.image_size=32",
+                "model.channels=16",
+                "model.attention_resolutions=[8]",
+                "model.head_channels=16",
+                "train.steps=40",
+                "train.batch_size=16",
+                "optim.lr=1e-3",
+            ],
+            0.7,
+        ),
+        (
+            "train-upsampler",
+            UpsamplerConfig,
+            "upsampler",
+            [
+                "model.low_res=16",
+                "model.high_res=32",
+                "model.crop_fraction=0.5",
+                "train.steps=40",
+                "train.batch_size=16",
+                "optim.lr=1e-3",
+            ],
+            0.7,
+        ),
+        ("train-clip", TrainClipConfig, "clip", ["train.steps=30", "train.batch_size=32"], 0.9),
+    ],
+)
+def test_image_stages_train(
+    tmp_path, ray_local, tiny_clip, stage, cls, folder, overrides, fraction
+) -> None:
+    from pipeline.storage import Storage
+
+    root = Root("local", str(tmp_path), Storage())
+    _dataset(root, tiny_clip, 96)
+    cfg = _cfg(cls, folder, root, "checkpoint.every_steps=100", "optim.warmup_steps=5", *overrides)
+    summary = run_training(stage, cfg, root.storage)
+    history, latest = _history(root, cfg.run_url())
+    _assert_falls(history, fraction)
+    files = set(root.storage.read_json(join(latest, "checkpoint.json"))["files"])
+    if stage != "train-clip":
+        assert "samples.png" in files
+    else:
+        assert "clip.safetensors" in files
+    assert summary["step"] == cfg.train.steps
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path, ray_local, tiny_clip) -> None:
+    from pipeline.storage import Storage
+
+    root = Root("local", str(tmp_path), Storage())
+    _dataset(root, tiny_clip)
+    common = [
+        "train.steps=30",
+        "checkpoint.every_steps=10",
+        "train.batch_size=32",
+        "optim.warmup_steps=5",
+    ]
+    straight = _cfg(PriorConfig, "prior", root, "run=straight", *common)
+    run_training("train-prior", straight, root.storage)
+    stopped = _cfg(PriorConfig, "prior", root, "run=stopped", "train.stop_at_step=10", *common)
+    assert run_training("train-prior", stopped, root.storage)["step"] == 10
+    resumed = _cfg(PriorConfig, "prior", root, "run=stopped", *common)
+    assert run_training("train-prior", resumed, root.storage)["step"] == 30
+
+    a, _ = _history(root, straight.run_url())
+    b, _ = _history(root, resumed.run_url())
+    assert [s for s, _ in a] == [s for s, _ in b] == [5, 10, 15, 20, 25, 30]
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 0.25 * max(x, y), (a, b)
+    state = root.storage.read_json(
+        join(checkpoints.latest_checkpoint(root.storage, resumed.run_url()), "state.json")
+    )
+    assert state["step"] == 30 and state["samples"] == 30 * 32
+
+
+def test_incompatible_config_is_refused_and_partial_checkpoints_skipped(
+    tmp_path, ray_local, tiny_clip
+) -> None:
+    from pipeline.storage import Storage
+
+    root = Root("local", str(tmp_path), Storage())
+    _dataset(root, tiny_clip)
+    cfg = _cfg(
+        PriorConfig,
+        "prior",
+        root,
+        "train.steps=10",
+        "checkpoint.every_steps=10",
+        "train.batch_size=32",
+    )
+    run_training("train-prior", cfg, root.storage)
+    good = checkpoints.latest_checkpoint(root.storage, cfg.run_url())
+
+    # A checkpoint whose upload was cut short: newer name, files but no or a wrong marker.
+    partial = join(cfg.run_url(), "checkpoint_2099-01-01_00-00-00.000000")
+    root.storage.write_bytes(join(partial, "model.safetensors"), b"truncated")
+    root.storage.write_text(
+        join(partial, "checkpoint.json"),
+        json.dumps({"step": 99, "files": {"model.safetensors": 10**6}}),
+    )
+    assert checkpoints.latest_checkpoint(root.storage, cfg.run_url()) == good
+    longer = _cfg(
+        PriorConfig,
+        "prior",
+        root,
+        "train.steps=20",
+        "checkpoint.every_steps=10",
+        "train.batch_size=32",
+    )
+    assert run_training("train-prior", longer, root.storage)["step"] == 20
+
+    wider = _cfg(
+        PriorConfig,
+        "prior",
+        root,
+        "train.steps=30",
+        "model.width=64",
+        "model.heads=2",
+        "train.batch_size=32",
+    )
+    with pytest.raises(
+        UserFacingError, match=r"was trained to step 20 with another config \(model: "
+    ):
+        run_training("train-prior", wider, root.storage)
