@@ -118,15 +118,16 @@ def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> str |
 
 
 def latest_clip_weights(storage: Storage, run_url: str) -> str:
-    """The ``clip.safetensors`` of the latest committed checkpoint under a train-clip run folder."""
+    """The open_clip weights (``clip.safetensors``) of a train-clip run's latest whole checkpoint."""
+    from pipeline.checkpoints import latest_checkpoint
     from pipeline.storage import join
 
-    candidates = [run_url, *reversed(storage.committed_children(run_url))]
-    for folder in candidates:
-        weights = join(folder, "clip.safetensors")
-        if storage.exists(weights):
-            return weights
-    raise UserFacingError(f"{run_url} holds no committed CLIP checkpoint (clip.safetensors)")
+    weights = join(latest_checkpoint(storage, run_url), "clip.safetensors")
+    if not storage.exists(weights):
+        raise UserFacingError(
+            f"{run_url} is not a train-clip run: its checkpoint has no clip.safetensors"
+        )
+    return weights
 
 
 def identity(source: ClipSource, checkpoint: str | None) -> ClipIdentity:
