@@ -142,6 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state.update(saved["state"])
         schedule.load_state_dict(state.pop("scheduler"))
+        state["resumes"] = state.get("resumes", 0) + 1  # restarts after failures, and reruns
         if saved["ema"] is not None:
             _restore_ema(ema, model, saved["ema"], state)
         if rank == 0:

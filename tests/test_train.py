@@ -222,3 +222,58 @@ def test_incompatible_config_is_refused_and_partial_checkpoints_skipped(
         UserFacingError, match=r"was trained to step 20 with another config \(model: "
     ):
         run_training("train-prior", wider, root.storage)
+
+
+def test_a_killed_worker_is_survived(tmp_path, ray_local, tiny_clip) -> None:
+    """SIGKILL one training worker after the first checkpoint: FailureConfig restarts the worker
+    group, which resumes from that checkpoint and finishes the run."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from pipeline.storage import Storage
+
+    root = Root("local", str(tmp_path), Storage())
+    _dataset(root, tiny_clip)
+    cfg = _cfg(
+        PriorConfig,
+        "prior",
+        root,
+        "train.steps=60",
+        "checkpoint.every_steps=10",
+        "train.batch_size=32",
+        "train.max_failures=2",
+    )
+    killed: list[int] = []
+
+    snapshot = join(cfg.run_url(), "checkpoint_manager_snapshot.json")
+
+    def registered() -> bool:  # Ray Train's controller has recorded a checkpoint
+        try:
+            return bool(root.storage.read_json(snapshot).get("checkpoint_results"))
+        except Exception:
+            return False
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if registered():
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        proc.send_signal(signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_training("train-prior", cfg, root.storage)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert summary["step"] == 60
+    state = root.storage.read_json(
+        join(checkpoints.latest_checkpoint(root.storage, cfg.run_url()), "state.json")
+    )
+    assert state["step"] == 60 and state["resumes"] >= 1
