@@ -161,11 +161,9 @@ class LoadedClip:
     embed_dim: int
 
 
-def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -> LoadedClip:
-    """Build the open_clip model, its tokenizer and its preprocessing, in eval mode."""
+def require_model(source: ClipSource) -> None:
+    """Register ``source.model_config`` and check that open_clip knows ``source.model``."""
     import open_clip
-    import torch
-    from torchvision import transforms as T
 
     register_model_config(source)
     if source.model not in open_clip.list_models():
@@ -173,6 +171,38 @@ def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -
             f"unknown open_clip model {source.model!r} (config key: clip.model); "
             "give clip.model_config for a custom architecture"
         )
+
+
+def image_size_of(model_config: dict[str, Any]) -> int:
+    """The square input side of an open_clip model config."""
+    size = model_config["vision_cfg"]["image_size"]
+    return size[0] if isinstance(size, list | tuple) else int(size)
+
+
+def split_preprocess(
+    preprocess: Any, model: str
+) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
+    """open_clip's transform as (the PIL steps: resize, crop, RGB; mean; std): the PIL steps run
+    where images are decoded, the tensor conversion and normalisation where the model runs."""
+    from torchvision import transforms as T
+
+    steps = list(preprocess.transforms)
+    normalize = steps[-1]
+    if not isinstance(normalize, T.Normalize) or "ToTensor" not in type(steps[-2]).__name__:
+        raise UserFacingError(f"unexpected preprocessing for {model}: {preprocess}")
+    return (
+        T.Compose(steps[:-2]),
+        tuple(float(m) for m in normalize.mean),
+        tuple(float(v) for v in normalize.std),
+    )
+
+
+def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -> LoadedClip:
+    """Build the open_clip model, its tokenizer and its preprocessing, in eval mode."""
+    import open_clip
+    import torch
+
+    require_model(source)
     pretrained = checkpoint or source.pretrained
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -181,11 +211,7 @@ def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -
     except RuntimeError as exc:
         raise UserFacingError(f"cannot load CLIP {source.model} from {pretrained}: {exc}") from None
     model.eval().requires_grad_(False)
-    steps = list(preprocess.transforms)
-    normalize = steps[-1]
-    if not isinstance(normalize, T.Normalize) or "ToTensor" not in type(steps[-2]).__name__:
-        raise UserFacingError(f"unexpected preprocessing for {source.model}: {preprocess}")
-    pil_steps = steps[:-2]  # resize, crop, RGB conversion: all on PIL images
+    image_transform, mean, std = split_preprocess(preprocess, source.model)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, tuple | list) else int(image_size)
     tokenizer = open_clip.get_tokenizer(source.model)
@@ -194,9 +220,9 @@ def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -
     return LoadedClip(
         model=model,
         tokenizer=tokenizer,
-        image_transform=T.Compose(pil_steps),
-        mean=tuple(float(m) for m in normalize.mean),
-        std=tuple(float(s) for s in normalize.std),
+        image_transform=image_transform,
+        mean=mean,
+        std=std,
         image_size=image_size,
         context_length=int(tokenizer.context_length),
         embed_dim=embed_dim,

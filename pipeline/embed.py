@@ -208,29 +208,19 @@ def describe_clip(
     """The CLIP's preprocessing and sizes, without loading its weights: (image transform, mean,
     std, image size, context length, embedding dim)."""
     import open_clip
-    from torchvision import transforms as T
 
-    clip_model.register_model_config(source)
-    if source.model not in open_clip.list_models():
-        raise UserFacingError(
-            f"unknown open_clip model {source.model!r} (config key: clip.model); "
-            "give clip.model_config for a custom architecture"
-        )
+    clip_model.require_model(source)
     config = open_clip.get_model_config(source.model)
     tag = None if checkpoint else source.pretrained
     _, _, preprocess = open_clip.create_model_and_transforms(
         source.model, pretrained=tag, load_weights=False
     )
-    steps = list(preprocess.transforms)
-    if not isinstance(steps[-1], T.Normalize):
-        raise UserFacingError(f"unexpected preprocessing for {source.model}: {preprocess}")
-    size = config["vision_cfg"]["image_size"]
-    size = size[0] if isinstance(size, list | tuple) else int(size)
+    transform, mean, std = clip_model.split_preprocess(preprocess, source.model)
     return (
-        T.Compose(steps[:-2]),
-        tuple(float(m) for m in steps[-1].mean),
-        tuple(float(s) for s in steps[-1].std),
-        size,
+        transform,
+        mean,
+        std,
+        clip_model.image_size_of(config),
         int(config.get("text_cfg", {}).get("context_length", 77)),
         int(config["embed_dim"]),
     )

@@ -266,12 +266,10 @@ class ClipStage(nn.Module):
 def prepare_clip(cfg: TrainClipConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
     import open_clip
 
-    from pipeline.clip_model import register_model_config
+    from pipeline.clip_model import image_size_of, require_model
 
-    register_model_config(cfg.clip)
-    config = open_clip.get_model_config(cfg.clip.model)
-    size = config["vision_cfg"]["image_size"]
-    size = size[0] if isinstance(size, list | tuple) else int(size)
+    require_model(cfg.clip)
+    size = image_size_of(open_clip.get_model_config(cfg.clip.model))
     source = cfg.clip
 
     def tokenize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
