@@ -177,6 +177,17 @@ def zero(module: nn.Module) -> nn.Module:
     return module
 
 
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of (B, C, H, W), as ``F.interpolate(x, scale_factor=2)``.
+
+    Written as a broadcast and a reshape because ATen's CPU nearest kernel is several times slower
+    (about 7x on 2 cores for 64 channels at 32 px), which made upsampling a sixth of a tiny UNet's
+    forward pass; on GPU both are memory-bound copies.
+    """
+    b, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+
 class ResBlock(nn.Module):
     """ADM residual block with scale-shift norm and optional down/up-sampling inside it.
 
@@ -209,7 +220,7 @@ class ResBlock(nn.Module):
         if self.resample == "down":
             return F.avg_pool2d(x, 2)
         if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return upsample_nearest2x(x)
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
