@@ -1,0 +1,326 @@
+"""Evaluation metrics for ``unclip eval``: Fréchet distance, CLIP score, Inception features for FID,
+and attribute accuracy on the captioned-shapes dataset. CPU-friendly, no network, no downloads.
+
+* **Fréchet distance** (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to
+  a Local Nash Equilibrium") between Gaussians fitted to two feature sets: FID on Inception pool
+  features, "FD in CLIP space" on CLIP image embeddings (same function, other features).
+* **CLIP score**: how well image embeddings match their captions' text embeddings (after Hessel et
+  al. 2021, "CLIPScore"), on embeddings the caller computed with the run's CLIP.
+* **Inception features** from a local torchvision Inception-v3 weights file: the user gives the file,
+  nothing is downloaded (:func:`load_inception`).
+* **Attribute accuracy**: for the captioned-shapes dataset, whether each ``(color, shape)`` a prompt
+  names is in the generated image, read by the geometric :mod:`pipeline.shape_checker`.
+
+Everything takes numpy arrays or tensors and returns plain floats, arrays or dicts; reading images,
+running CLIP and writing results are the eval job's business.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import UserFacingError
+from pipeline.shape_checker import check_image
+from pipeline.shapes import parse_caption
+
+__all__ = [
+    "INCEPTION_FEATURE_DIM",
+    "INCEPTION_SIZE",
+    "FeatureStats",
+    "InceptionFeatures",
+    "attribute_accuracy",
+    "clip_score",
+    "clip_scores",
+    "feature_stats",
+    "frechet_distance",
+    "frechet_distance_features",
+    "inception_features",
+    "load_inception",
+]
+
+INCEPTION_SIZE = 299  # Inception-v3's input side
+INCEPTION_FEATURE_DIM = 2048  # its pool features, the input of the classifier
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """The Gaussian fitted to a feature set: mean (D,), unbiased covariance (D, D), row count."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    count: int
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def feature_stats(features: np.ndarray | Tensor) -> FeatureStats:
+    """Mean and unbiased covariance (float64) of an (N, D) feature matrix, N >= 2."""
+    x = _as_float64(features)
+    if x.ndim != 2:
+        raise ValueError(f"expected an (N, D) feature matrix, got shape {x.shape}")
+    if x.shape[0] < 2:
+        raise ValueError(f"feature statistics need at least 2 rows, got {x.shape[0]}")
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or infinite values")
+    return FeatureStats(mean=x.mean(axis=0), cov=np.cov(x, rowvar=False), count=int(x.shape[0]))
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix (eigenvalues below
+    zero, which rounding makes of a singular covariance, are taken as zero)."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """Fréchet distance between two Gaussians (Heusel et al. 2017, the FID formula):
+    ``||mu_a - mu_b||² + Tr(C_a + C_b - 2 (C_a C_b)^½)``.
+
+    ``Tr (C_a C_b)^½`` is computed as the sum of the square roots of the eigenvalues of
+    ``C_a^½ C_b C_a^½``, which has the same eigenvalues as ``C_a C_b`` but is symmetric positive
+    semi-definite: a symmetric eigendecomposition, no complex parts to drop, and singular
+    covariances (fewer samples than dimensions) need no added ``eps`` as with ``scipy.linalg.sqrtm``
+    of the non-symmetric product. Rounding below zero is clamped, so identical statistics give 0.
+    """
+    if a.dim != b.dim:
+        raise ValueError(f"feature dimensions differ: {a.dim} vs {b.dim}")
+    diff = a.mean - b.mean
+    root_a = _sqrt_psd(a.cov)
+    inner = root_a @ b.cov @ root_a
+    eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
+    trace_sqrt = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+    distance = float(diff @ diff) + float(np.trace(a.cov) + np.trace(b.cov)) - 2.0 * trace_sqrt
+    return max(distance, 0.0)
+
+
+def frechet_distance_features(x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> float:
+    """:func:`frechet_distance` between the Gaussians fitted to two (N, D) feature matrices."""
+    return frechet_distance(feature_stats(x), feature_stats(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP score
+
+
+def clip_scores(image_emb: np.ndarray | Tensor, text_emb: np.ndarray | Tensor) -> np.ndarray:
+    """Per pair, ``100 * max(cos(image_emb[i], text_emb[i]), 0)``: (N,) float64.
+
+    Hessel et al. (2021) define CLIPScore as ``w * max(cos, 0)`` with ``w = 2.5`` (to spread the
+    values of their CLIP); text-to-image papers report ``100 * max(cos, 0)`` averaged over prompts
+    instead, and so does this project. Embeddings need not be normalised (they are here).
+    """
+    image, text = _as_float64(image_emb), _as_float64(text_emb)
+    if image.ndim != 2 or image.shape != text.shape:
+        raise ValueError(
+            f"expected two (N, D) embedding matrices of the same shape, got {image.shape} and "
+            f"{text.shape}"
+        )
+    norms = np.linalg.norm(image, axis=1) * np.linalg.norm(text, axis=1)
+    cosine = (image * text).sum(axis=1) / np.maximum(norms, 1e-12)
+    return 100.0 * np.clip(cosine, 0.0, None)
+
+
+def clip_score(image_emb: np.ndarray | Tensor, text_emb: np.ndarray | Tensor) -> float:
+    """The mean of :func:`clip_scores`: 100 for images that match their captions as well as CLIP
+    can tell, 0 for unrelated (orthogonal) or opposed ones."""
+    scores = clip_scores(image_emb, text_emb)
+    if len(scores) == 0:
+        raise ValueError("clip_score needs at least one pair")
+    return float(scores.mean())
+
+
+def _as_float64(array: np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(array, Tensor):
+        array = array.detach().cpu().float().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception features for FID
+
+
+class InceptionFeatures(nn.Module):
+    """torchvision's Inception-v3 up to its 2048-d pool features, with its input preprocessing.
+
+    Input: float images in [-1, 1], (B, 3, H, W) of any size. They are resized (bilinear,
+    antialiased, as clean-fid recommends against aliasing when downsampling; Parmar et al. 2022) to
+    299 x 299 and passed on as they are: torchvision's ImageNet weights (ported from Google's) want
+    pixels in [-1, 1], which torchvision's own pipeline gets by normalising with the ImageNet mean
+    and std and undoing that with ``transform_input=True``. Scaling [0, 1] to [-1, 1] directly is
+    the same thing, and what pytorch-fid does.
+
+    These are torchvision's Inception weights (``inception_v3_google-*.pth``), not the TF-FID graph
+    (``pt_inception-2015-12-05``) that the published FID numbers use: FIDs are comparable between
+    runs of this project, not with papers' numbers.
+    """
+
+    def __init__(self, inception: nn.Module) -> None:
+        super().__init__()
+        inception.fc = nn.Identity()  # the pool features, not the ImageNet logits
+        self.inception = inception.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> InceptionFeatures:
+        """Stays in eval mode (batch-norm running statistics, no dropout, no auxiliary head)."""
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        x = images.float().clamp(-1, 1)
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = F.interpolate(
+                x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", antialias=True
+            )
+        return self.inception(x)
+
+
+def _read_state_dict(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserFacingError(f"Inception weights {path}: expected a state dict, got {type(state)}")
+    return state
+
+
+def _few(names: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(sorted(names)[:n])
+    return shown + (", ..." if len(names) > n else "")
+
+
+def load_inception(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> InceptionFeatures:
+    """:class:`InceptionFeatures` with torchvision's Inception-v3 weights from a local file.
+
+    ``path`` is a ``.safetensors`` file or a torch state dict (``.pt``/``.pth``, loaded with
+    ``weights_only=True``), such as torchvision's ``inception_v3_google-0cc3c7bd.pth``. The load is
+    strict: every weight of the network must be in the file and nothing else, so a wrong file fails
+    here with the missing and unexpected names, not later as a meaningless FID. The auxiliary
+    classifier (``AuxLogits.*``) and the final classifier (``fc.*``), which the features do not
+    use, may be absent.
+    """
+    from torchvision.models import inception_v3
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserFacingError(f"Inception weights {path} do not exist (a local file is needed)")
+    try:
+        state = _read_state_dict(path)
+    except UserFacingError:
+        raise
+    except Exception as exc:
+        raise UserFacingError(f"Inception weights {path}: cannot read ({exc})") from None
+    model = inception_v3(
+        weights=None,
+        aux_logits=any(k.startswith("AuxLogits.") for k in state),
+        init_weights=False,
+        transform_input=False,
+    )
+    if not any(k.startswith("fc.") for k in state):
+        model.fc = nn.Identity()
+    expected = model.state_dict().keys()
+    missing, unexpected = list(expected - state.keys()), list(state.keys() - expected)
+    if missing or unexpected:
+        raise UserFacingError(
+            f"Inception weights {path} do not fit torchvision's inception_v3: "
+            f"{len(missing)} missing keys ({_few(missing)}), "
+            f"{len(unexpected)} unexpected keys ({_few(unexpected)})"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shape mismatches: one line per tensor, kept on one line
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise UserFacingError(
+            f"Inception weights {path} do not fit torchvision's inception_v3: "
+            + ("; ".join(lines) if lines else str(exc))
+        ) from None
+    return InceptionFeatures(model).to(device)
+
+
+@torch.no_grad()
+def inception_features(
+    model: InceptionFeatures, images: Tensor, batch_size: int = 50
+) -> np.ndarray:
+    """(N, 2048) float64 pool features of (N, 3, H, W) images in [-1, 1], ``batch_size`` at a time on
+    the model's device."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    out = [
+        model(images[i : i + batch_size].to(device)).double().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    if not out:
+        return np.zeros((0, INCEPTION_FEATURE_DIM))
+    return torch.cat(out).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribute accuracy (captioned-shapes dataset)
+
+
+def attribute_accuracy(
+    images: Sequence[np.ndarray], captions: Sequence[str], *, rows: bool = False
+) -> dict[str, Any]:
+    """How often the ``(color, shape)`` objects named by each caption are in its image.
+
+    Each caption is parsed with :func:`pipeline.shapes.parse_caption` and its image (HxWx3 uint8,
+    :func:`pipeline.grids.to_uint8` for generated ones) checked with
+    :func:`pipeline.shape_checker.check_image`. Returns:
+
+    * ``color``: the fraction of named objects whose colour is present;
+    * ``shape``: the fraction whose colour is present as the named shape (so ``shape <= color``);
+    * ``all``: the fraction of images in which every named object is right (colour and shape);
+    * ``objects``, ``images``: the named objects and the images they come from;
+    * ``unparsed``: captions that name no ``(color, shape)`` (free prompts): excluded from the rest;
+    * ``rows`` (with ``rows=True``): per caption, ``{"caption", "objects": [ObjectCheck fields]}``,
+      unparsed captions with an empty list.
+
+    Fractions are NaN when no caption names an object.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    color_ok = shape_ok = objects = parsed = all_ok = 0
+    details = []
+    for image, caption in zip(images, captions, strict=True):
+        asked = parse_caption(caption)
+        checks = check_image(np.asarray(image), asked) if asked else []
+        if checks:
+            parsed += 1
+            objects += len(checks)
+            color_ok += sum(c.color_ok for c in checks)
+            shape_ok += sum(c.shape_ok for c in checks)
+            all_ok += all(c.shape_ok for c in checks)
+        if rows:
+            details.append({"caption": caption, "objects": [asdict(c) for c in checks]})
+    result: dict[str, Any] = {
+        "color": color_ok / objects if objects else math.nan,
+        "shape": shape_ok / objects if objects else math.nan,
+        "all": all_ok / parsed if parsed else math.nan,
+        "objects": objects,
+        "images": parsed,
+        "unparsed": len(captions) - parsed,
+    }
+    if rows:
+        result["rows"] = details
+    return result
