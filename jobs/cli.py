@@ -19,6 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-prior": ("train_prior", "train the prior: text → CLIP image embedding"),
     "train-decoder": ("train_decoder", "train the 64px decoder: CLIP image embedding → image"),
     "train-upsampler": ("train_upsampler", "train an upsampler: 64→256 or 256→1024"),
+    "sample": ("sample", "text → image with trained checkpoints: PNGs, a captioned grid"),
+    "variations": ("variations", "variations of an image (DALL-E 2 section 3.1)"),
+    "interpolate": ("interpolate", "interpolations between two images (section 3.2)"),
+    "textdiff": ("textdiff", "edit an image towards a caption with a text diff (section 3.3)"),
+    "generate": ("generate", "batch generation of a caption file on Ray Data"),
     "config": ("show_config", "check a stage's config and print it resolved"),
 }
 
@@ -26,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [
-        "usage: unclip <command> [--config FILE] [key.sub=value ...]",
+        "usage: unclip <command> [INPUT ...] [--config FILE] [key.sub=value ...]",
         "",
         "Train DALL-E 2 (unCLIP) models on Ray. Commands:",
         *(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()),

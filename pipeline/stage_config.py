@@ -325,24 +325,153 @@ class UpsamplerConfig(TrainStageConfig):
 
 
 @dataclass
-class SampleConfig(StageConfig):
-    """``unclip sample``: text → prior → decoder → upsamplers, written as images and a grid."""
+class CascadeConfig(StageConfig):
+    """What every generation command shares: the trained decoder and upsamplers it loads, the CLIP
+    that encodes its inputs, how the image stages sample, the seed, and where the images go."""
 
-    prior: str = param("checkpoints/prior", "prior run folder or checkpoint")
     decoder: str = param("checkpoints/decoder", "decoder run folder or checkpoint")
     upsamplers: list[str] = param(
         factory=list, doc="upsampler run folders or checkpoints, lowest resolution first"
     )
-    prompts: list[str] = param(factory=list, doc="captions to draw")
-    samples_per_prompt: int = param(4, "images per caption", ge=1)
-    seed: int = param(0, "random seed: the same seed gives the same images")
-    prior_steps: int | None = param(None, "prior sampling steps (null: the run's config)", ge=1)
+    clip: ClipSource | None = param(
+        None,
+        "the CLIP that made the decoder's embedding store, to encode prompts and images (null: "
+        "from the store's manifest, which names open_clip pretrained tags; give it for a "
+        "checkpoint or a custom model). Checked against the store's CLIP before anything runs",
+    )
     decoder_steps: int | None = param(None, "decoder sampling steps (null: the run's)", ge=1)
-    upsampler_steps: int | None = param(None, "upsampler sampling steps (null: the run's)", ge=1)
+    upsampler_steps: int | None = param(None, "upsampler sampling steps (null: each run's)", ge=1)
+    decoder_guidance: float | None = param(
+        None, "decoder classifier-free guidance scale (null: the run's)", ge=0
+    )
+    seed: int = param(0, "random seed: the same seed gives the same images")
+    device: Literal["auto", "cpu", "cuda"] = param(
+        "auto", "where the models run (auto: a GPU if any)"
+    )
+    output: str = param("samples", "where the images and the grid go")
+
+
+@dataclass
+class TextToImageConfig(CascadeConfig):
+    """The text → image cascade (section 2): the prior and how it samples, and the samplers."""
+
+    prior: str | None = param(
+        "checkpoints/prior", "prior run folder or checkpoint (null: conditioning without a prior)"
+    )
+    conditioning: Literal["prior", "text_embedding", "caption"] = param(
+        "prior",
+        "what the decoder is conditioned on (section 5.1): z_i from the prior, the CLIP text "
+        "embedding in its place, or the caption alone",
+    )
+    prior_steps: int | None = param(None, "prior sampling steps (null: the run's config)", ge=1)
     prior_guidance: float = param(1.0, "prior classifier-free guidance scale", ge=0)
-    decoder_guidance: float = param(3.0, "decoder classifier-free guidance scale", ge=0)
+    num_candidates: int | None = param(
+        None, "prior samples per caption, keeping the closest to the text (null: the run's)", ge=1
+    )
+    temperature: float | None = param(
+        None, "autoregressive prior: sampling temperature (null: its default)", gt=0
+    )
+    decoder_sampler: Literal["ddpm", "ddim"] | None = param(
+        None, "decoder sampler (null: the run's diffusion.sampler)"
+    )
+    upsampler_sampler: Literal["ddpm", "ddim"] | None = param(
+        None, "upsamplers' sampler (null: each run's diffusion.sampler)"
+    )
     batch_size: int = param(16, "images generated at once", ge=1)
-    output: str = param("samples", "where images and the grid go")
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            self.conditioning != "prior" or bool(self.prior),
+            "prior",
+            'conditioning "prior" needs a prior run',
+        )
+
+
+@dataclass
+class SampleConfig(TextToImageConfig):
+    """``unclip sample``: text → prior → decoder → upsamplers, written as images and a grid."""
+
+    prompts: list[str] = param(
+        factory=list, doc="captions to draw (or give them on the command line)"
+    )
+    samples_per_prompt: int = param(4, "images per caption", ge=1)
+
+
+@dataclass
+class VariationsConfig(CascadeConfig):
+    """``unclip variations``: images that keep what an image's CLIP embedding encodes (§3.1)."""
+
+    images: list[str] = param(
+        factory=list,
+        doc="input images (command line: paths from the working directory; config: from root)",
+    )
+    num: int = param(4, "variations per image", ge=1)
+    eta: float = param(
+        1.0, "DDIM η of the decoder and upsamplers (> 0: each variation differs)", ge=0
+    )
+    latent: Literal["inverted", "random"] = param(
+        "inverted",
+        "x_T of the bipartite latent: the image's DDIM inversion (the paper's), or random noise",
+    )
+    output: str = param("variations", "where the images and the grid go")
+
+
+@dataclass
+class InterpolateConfig(CascadeConfig):
+    """``unclip interpolate``: slerp between two images' CLIP embeddings, decoded (§3.2)."""
+
+    images: list[str] = param(
+        factory=list,
+        doc="the two input images (command line: from the working directory; config: from root)",
+    )
+    num: int = param(5, "interpolation steps from the first image to the second", ge=2)
+    latent: Literal["random", "inverted"] = param(
+        "random",
+        "x_T: one random latent fixed for the row, or the slerp of the two images' DDIM inversions",
+    )
+    output: str = param("interpolations", "where the images and the grid go")
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            len(self.images) in (0, 2), "images", f"expected two images, got {len(self.images)}"
+        )
+
+
+@dataclass
+class TextDiffConfig(CascadeConfig):
+    """``unclip textdiff``: move an image's CLIP embedding along a text diff (§3.3)."""
+
+    images: list[str] = param(
+        factory=list,
+        doc="input images (command line: paths from the working directory; config: from root)",
+    )
+    from_caption: str = param("", "a caption of the input image (z_t0; --from on the command line)")
+    to_caption: str = param("", "the caption to move towards (z_t; --to on the command line)")
+    num: int = param(5, "steps from the image towards the target caption", ge=1)
+    max_theta: float = param(
+        0.5, "the last step's slerp weight towards the text diff (paper: 0.25 to 0.5)", gt=0, le=1
+    )
+    output: str = param("textdiffs", "where the images and the grid go")
+
+
+@dataclass
+class GenerateConfig(TextToImageConfig):
+    """``unclip generate``: a caption file → images and a parquet index, as a Ray Data job."""
+
+    captions: str = param("captions.txt", "caption file, one caption per line (local or s3://)")
+    samples_per_caption: int = param(1, "images per caption", ge=1)
+    output: str = param("generated", "where images/ and index.parquet go")
+    batch_size: int = param(16, "rows per call of a generator actor", ge=1)
+    concurrency: int = param(1, "generator actors, each holding the whole cascade", ge=1)
+    gpus_per_actor: float | None = param(
+        None, "GPUs per generator actor (null: 1 when the cluster has GPUs, else 0)", ge=0
+    )
+    cpus_per_actor: float = param(1.0, "CPUs reserved per generator actor", gt=0)
+    threads_per_actor: int | None = param(
+        None, "torch threads per generator actor (null: Ray's default)", ge=1
+    )
 
 
 @dataclass
@@ -373,5 +502,9 @@ STAGE_CONFIGS: dict[str, tuple[type[StageConfig], str]] = {
     "train-decoder": (DecoderConfig, "decoder"),
     "train-upsampler": (UpsamplerConfig, "upsampler"),
     "sample": (SampleConfig, "sample"),
+    "variations": (VariationsConfig, "variations"),
+    "interpolate": (InterpolateConfig, "interpolate"),
+    "textdiff": (TextDiffConfig, "textdiff"),
+    "generate": (GenerateConfig, "generate"),
     "eval": (EvalConfig, "eval"),
 }

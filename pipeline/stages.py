@@ -135,10 +135,13 @@ def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Any, dict[str, An
 
 
 def build_prior(cfg: PriorConfig, info: dict[str, Any]) -> nn.Module:
+    """The prior; the autoregressive one's PCA quantizer is fitted on ``info``'s sample when it
+    has one (training), and left unfitted otherwise (a checkpoint's ``info`` has none: its fitted
+    quantizer lives in buffers that loading the state dict restores)."""
     from unclip.prior import build_prior as build
 
     model = build(cfg.model, cfg.diffusion, embed_dim=info["embed_dim"])
-    if cfg.model.kind == "autoregressive":
+    if cfg.model.kind == "autoregressive" and "fit_image_emb" in info:
         model.fit_quantizer(
             torch.from_numpy(info["fit_image_emb"]), torch.from_numpy(info["fit_text_emb"])
         )
