@@ -92,12 +92,10 @@ def register_model_config(source: ClipSource) -> None:
     open_clip.add_model_config(path)
 
 
-def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> str | None:
-    """A local path to the checkpoint named by ``source.pretrained`` (downloaded if on S3), or None
-    when ``pretrained`` is an open_clip tag or unset. Relative paths are under the stage's root.
-
-    A checkpoint folder (a train-clip run) resolves to its latest committed checkpoint's weights.
-    """
+def checkpoint_url(source: ClipSource, storage: Storage, root: str) -> str | None:
+    """The URL of the weights file ``source.pretrained`` names, or None when it is an open_clip
+    tag or unset. Relative paths are under the stage's root; a checkpoint folder (a train-clip run)
+    resolves to its latest committed checkpoint's weights."""
     if not source.pretrained or not _is_path(source.pretrained):
         return None
     from pipeline.storage import resolve
@@ -107,6 +105,29 @@ def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> str |
         url = latest_clip_weights(storage, url)
     if not storage.exists(url):
         raise UserFacingError(f"CLIP checkpoint {url} does not exist (config key: clip.pretrained)")
+    if is_local(url) and not url.startswith("file://"):
+        url = os.path.abspath(url)
+    return url
+
+
+def located(source: ClipSource, storage: Storage, root: str) -> dict[str, str | None]:
+    """``source`` with absolute locations (the weights file, the model config), for a manifest:
+    whoever reads the store later (generation, evaluation) loads the same CLIP without being told.
+    """
+    config = source.model_config
+    if config and "://" not in config:
+        config = _model_config_path(config) or config
+        config = os.path.abspath(config)
+    pretrained = checkpoint_url(source, storage, root) or source.pretrained
+    return {"model": source.model, "pretrained": pretrained, "model_config": config}
+
+
+def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> str | None:
+    """A local path to the checkpoint named by ``source.pretrained`` (downloaded if on S3), or None
+    when ``pretrained`` is an open_clip tag or unset (:func:`checkpoint_url`)."""
+    url = checkpoint_url(source, storage, root)
+    if url is None:
+        return None
     if is_local(url):
         return url[len("file://") :] if url.startswith("file://") else url
     suffix = os.path.splitext(url)[1] or ".bin"

@@ -254,9 +254,9 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
     store = EmbeddingStore(
         storage, join(cfg.url(cfg.store), cfg.clip_id or clip_model.safe_id(ident.id))
     )
-    store.open_for_writing(
-        {**store_header(ident, embed_dim, context, cfg.clip.model), "source": source_url}
-    )
+    header = store_header(ident, embed_dim, context, cfg.clip.model)
+    header["clip_source"] = clip_model.located(cfg.clip, storage, cfg.root)
+    store.open_for_writing({**header, "source": source_url})
 
     done = store.completed()
     tars = [shard_urls(source_url, i)["tar"] for i in shard_ids]

@@ -82,6 +82,12 @@ def test_embeddings_equal_the_bare_model(storage_root: Root, ray_local, clip_che
         "00001",
         "00002",
     }
+    # Where the CLIP is, so generation and evaluation load it without being told.
+    assert manifest["clip_source"] == {
+        "model": "tiny-clip",
+        "pretrained": os.path.abspath(clip_checkpoint),
+        "model_config": os.path.abspath(TINY_CONFIG),
+    }
 
     loaded = clip_model.load_clip(_source(clip_checkpoint), clip_checkpoint)
     import open_clip
