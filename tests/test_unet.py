@@ -390,3 +390,53 @@ def test_paper_configs_match_the_paper_sizes(stage: str, yaml: str, paper: float
         else:
             net = UpsamplerUNet(cfg.model, learned_variance=cfg.diffusion.learned_variance)
     assert abs(_count(net) / paper - 1) < 0.10, _count(net)
+
+
+def test_nearest_upsampling_matches_interpolate() -> None:
+    import torch.nn.functional as F
+
+    from unclip.unet import upsample_nearest2x
+
+    x = torch.randn(2, 5, 3, 7)
+    assert torch.equal(upsample_nearest2x(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def test_patching_keeps_the_output_size_at_a_fraction_of_the_compute() -> None:
+    """patch_size 2: same (B, 3, S, S) output, attention at feature-map resolutions, ~4x fewer
+    FLOPs than the same UNet on full-resolution feature maps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(net: DecoderUNet, x: torch.Tensor) -> int:
+        with FlopCounterMode(display=False) as counter:
+            net(
+                x,
+                torch.tensor([10, 500]),
+                image_emb=torch.randn(2, EMBED),
+                text_tokens=tokens([5], [6]),
+            )
+        return counter.get_total_flops()
+
+    x = torch.randn(2, 3, 32, 32)
+    full = DecoderUNet(
+        tiny_decoder_cfg(image_size=32, attention_resolutions=(8,)),
+        embed_dim=EMBED,
+        learned_variance=True,
+    )
+    patched = DecoderUNet(
+        tiny_decoder_cfg(image_size=32, patch_size=2, attention_resolutions=(4,)),
+        embed_dim=EMBED,
+        learned_variance=True,
+    )
+    randomize(patched)
+    out = patched(
+        x, torch.tensor([10, 500]), image_emb=torch.randn(2, EMBED), text_tokens=tokens([5], [6])
+    )
+    assert out.shape == (2, 6, 32, 32)
+    # Every output pixel of a 2x2 block is its own value (the unfolding is not an upsampling).
+    assert not torch.equal(out[:, :, 0::2, 0::2], out[:, :, 1::2, 1::2])
+    assert len(patched.unet.attention_blocks()) == len(full.unet.attention_blocks())
+    assert flops(patched, x) < 0.35 * flops(full, x)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        DecoderUNet(
+            tiny_decoder_cfg(image_size=36, patch_size=2), embed_dim=EMBED, learned_variance=False
+        )

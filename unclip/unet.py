@@ -44,9 +44,17 @@ class DecoderNetConfig:
 
     image_size: int = param(64, "output resolution", ge=8)
     channels: int = param(32, "base channels of the UNet", ge=8)
+    patch_size: int = param(
+        1,
+        "pixels per side folded into channels before the first layer (space-to-depth, unfolded "
+        "after the last): the UNet runs at image_size / patch_size, about patch_size² cheaper",
+        ge=1,
+    )
     channel_mult: tuple[int, ...] = param((1, 2, 2), "channel multiplier per resolution")
     num_res_blocks: int = param(1, "residual blocks per resolution", ge=1)
-    attention_resolutions: tuple[int, ...] = param((16,), "resolutions with self-attention")
+    attention_resolutions: tuple[int, ...] = param(
+        (16,), "feature-map resolutions with self-attention (image_size / patch_size at level 0)"
+    )
     head_channels: int = param(32, "channels per attention head", ge=1)
     dropout: float = param(0.0, "dropout in residual blocks", ge=0, lt=1)
     clip_tokens: int = param(4, "extra context tokens projected from the image embedding", ge=0)
@@ -65,11 +73,12 @@ class DecoderNetConfig:
     def validate(self) -> None:
         require(len(self.channel_mult) >= 1, "channel_mult", "needs at least one resolution")
         require(all(m >= 1 for m in self.channel_mult), "channel_mult", "must be positive")
-        downsample = 2 ** (len(self.channel_mult) - 1)
+        downsample = self.patch_size * 2 ** (len(self.channel_mult) - 1)
         require(
             self.image_size % downsample == 0,
             "channel_mult",
-            f"{len(self.channel_mult)} resolutions need image_size divisible by {downsample}",
+            f"{len(self.channel_mult)} resolutions with patch_size {self.patch_size} need "
+            f"image_size divisible by {downsample}",
         )
         require(
             self.text_width % self.text_heads == 0,
@@ -78,13 +87,17 @@ class DecoderNetConfig:
         )
         for level, mult in enumerate(self.channel_mult):
             width = self.channels * mult
-            if self.image_size // 2**level in self.attention_resolutions:
+            if self.feature_size(level) in self.attention_resolutions:
                 require(
                     width % self.head_channels == 0,
                     "head_channels",
                     f"must divide the channels ({width}) at resolution "
-                    f"{self.image_size // 2**level}, got {self.head_channels}",
+                    f"{self.feature_size(level)}, got {self.head_channels}",
                 )
+
+    def feature_size(self, level: int) -> int:
+        """Side of the UNet's feature maps at ``level`` (0: after the space-to-depth input)."""
+        return self.image_size // self.patch_size // 2**level
 
 
 @dataclass
@@ -94,6 +107,9 @@ class UpsamplerNetConfig:
     low_res: int = param(64, "input resolution", ge=8)
     high_res: int = param(256, "output resolution", ge=16)
     channels: int = param(32, "base channels of the UNet", ge=8)
+    patch_size: int = param(
+        1, "pixels per side folded into channels (space-to-depth) before the first layer", ge=1
+    )
     channel_mult: tuple[int, ...] = param((1, 2, 2), "channel multiplier per resolution")
     num_res_blocks: int = param(1, "residual blocks per resolution", ge=1)
     dropout: float = param(0.0, "dropout in residual blocks", ge=0, lt=1)
@@ -129,11 +145,12 @@ class UpsamplerNetConfig:
         )
         require(len(self.channel_mult) >= 1, "channel_mult", "needs at least one resolution")
         require(all(m >= 1 for m in self.channel_mult), "channel_mult", "must be positive")
-        downsample = 2 ** (len(self.channel_mult) - 1)
+        downsample = self.patch_size * 2 ** (len(self.channel_mult) - 1)
         require(
             self.crop_size() % downsample == 0 and self.high_res % downsample == 0,
             "crop_fraction",
-            f"{len(self.channel_mult)} resolutions need high_res and the crop side "
+            f"{len(self.channel_mult)} resolutions with patch_size {self.patch_size} need "
+            "high_res and the crop side "
             f"(crop_fraction × high_res = {self.crop_size()}) divisible by {downsample}",
         )
         low, high = self.blur_sigma
@@ -304,7 +321,12 @@ class _Stage(nn.Module):
 class UNet(nn.Module):
     """The ADM UNet body: ``forward(x, emb, context, context_mask)`` → output channels.
 
-    ``attention_levels`` are level indices (0 = full resolution, one per ``channel_mult`` entry)
+    ``patch_size`` p > 1 folds each p×p block of input pixels into channels (space-to-depth) before
+    the first convolution and unfolds the output the same way, so every level runs at 1/p the
+    resolution: about p² less compute for the same channels, the patching that simple diffusion
+    (Hoogeboom et al. 2023) and ViT-style diffusion models use to avoid full-resolution feature
+    maps. ``attention_levels`` are level indices (0 = the first, p-times-smaller, resolution; one
+    per ``channel_mult`` entry)
     whose residual blocks are followed by attention; the middle block has attention iff the lowest
     level does. ``context_channels`` (None: no encoder sequence) is the width of the sequence every
     attention layer also attends to.
@@ -323,8 +345,10 @@ class UNet(nn.Module):
         dropout: float,
         context_channels: int | None = None,
         grad_checkpointing: bool = False,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.emb_dim = emb_dim = 4 * channels
         self.grad_checkpointing = grad_checkpointing
         self.levels = len(channel_mult)
@@ -342,7 +366,7 @@ class UNet(nn.Module):
             return _Stage(ResBlock(cin, emb_dim, cout, dropout=dropout, resample=resample), attn)
 
         ch = channels * channel_mult[0]
-        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.input_conv = nn.Conv2d(in_channels * patch_size**2, ch, 3, padding=1)
         skips = [ch]
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
@@ -363,7 +387,7 @@ class UNet(nn.Module):
                 if level and i == num_res_blocks:
                     self.up.append(stage(ch, ch, level, "up"))
         self.out = nn.Sequential(
-            norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+            norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1))
         )
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
@@ -385,13 +409,16 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        factor = 2 ** (self.levels - 1)
+        factor = self.patch_size * 2 ** (self.levels - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(
                 f"input size {tuple(x.shape[-2:])} must be divisible by {factor} "
-                f"({self.levels} resolutions)"
+                f"({self.levels} resolutions, patch size {self.patch_size})"
             )
-        h = self.input_conv(x.to(self.dtype))
+        x = x.to(self.dtype)
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
+        h = self.input_conv(x)
         hs = [h]
         for block in self.down:
             h = self._run(block, h, emb, context, context_mask)
@@ -402,7 +429,8 @@ class UNet(nn.Module):
             if block.res.resample == "none":
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(block, h, emb, context, context_mask)
-        return self.out(h)
+        out = self.out(h)
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
     def attention_blocks(self) -> list[AttentionBlock]:
         return [m for m in self.modules() if isinstance(m, AttentionBlock)]
@@ -455,7 +483,7 @@ class DecoderUNet(nn.Module):
         attention_levels = frozenset(
             level
             for level in range(len(cfg.channel_mult))
-            if cfg.image_size // 2**level in cfg.attention_resolutions
+            if cfg.feature_size(level) in cfg.attention_resolutions
         )
         self.unet = UNet(
             in_channels=3,
@@ -468,6 +496,7 @@ class DecoderUNet(nn.Module):
             dropout=cfg.dropout,
             context_channels=width,
             grad_checkpointing=cfg.grad_checkpointing,
+            patch_size=cfg.patch_size,
         )
         emb_dim = self.unet.emb_dim
         self.text_encoder = TextEncoder(
@@ -563,6 +592,7 @@ class UpsamplerUNet(nn.Module):
             head_channels=1,
             dropout=cfg.dropout,
             grad_checkpointing=cfg.grad_checkpointing,
+            patch_size=cfg.patch_size,
         )
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, low_res: torch.Tensor) -> torch.Tensor:
