@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "interpolate": ("interpolate", "interpolations between two images (section 3.2)"),
     "textdiff": ("textdiff", "edit an image towards a caption with a text diff (section 3.3)"),
     "generate": ("generate", "batch generation of a caption file on Ray Data"),
+    "eval": ("eval", "compare conditionings (section 5.1): CLIP score, FD, FID, accuracy"),
     "config": ("show_config", "check a stage's config and print it resolved"),
 }
 

@@ -475,21 +475,112 @@ class GenerateConfig(TextToImageConfig):
 
 
 @dataclass
-class EvalConfig(StageConfig):
-    """``unclip eval``: CLIP score, Fréchet distances and attribute accuracy of a cascade."""
+class EvalConfig(CascadeConfig):
+    """``unclip eval``: the conditionings of section 5.1 (figure 7) compared on one cascade.
 
-    prior: str = param("checkpoints/prior", "prior run folder or checkpoint")
-    decoder: str = param("checkpoints/decoder", "decoder run folder or checkpoint")
-    store: str = param("embeddings", "embedding store root (its CLIP scores the images)")
-    clip_id: str | None = param(None, "which store under <store>/ (null: the only one)")
-    prompts: list[str] = param(factory=list, doc="captions to evaluate (empty: from the store)")
-    num_prompts: int = param(64, "captions drawn from the store when prompts is empty", ge=1)
-    inception_weights: str | None = param(
-        None, "local FID Inception weights file; FID is skipped without it"
+    The decoder is conditioned on the caption alone, on the CLIP text embedding in place of z_i,
+    or on z_i from each prior given; every conditioning draws the same prompts with the same seed.
+    Each gets a CLIP score, a Fréchet distance to the real images in CLIP image-embedding space, an
+    FID (with ``inception_weights``) and, on the captioned-shapes dataset, the colour and shape
+    accuracy of what the prompts name, on prompts like the training captions and on prompts with a
+    held-out colour-shape pair.
+    """
+
+    prior: str | None = param(
+        "checkpoints/prior", "prior run folder or checkpoint (null: no prior row)"
     )
-    seed: int = param(0, "random seed")
-    batch_size: int = param(16, "images generated at once", ge=1)
-    output: str = param("eval", "where the JSON and Markdown report go")
+    ar_prior: str | None = param(
+        None, "a second prior, e.g. the autoregressive one (paper-ar), compared beside the first"
+    )
+    conditionings: list[Literal["caption", "text_embedding", "prior", "ar_prior"]] = param(
+        factory=list,
+        doc="what to compare (section 5.1): caption, text_embedding, prior, ar_prior (the priors "
+        "of the keys of those names); empty: all that the config can run",
+    )
+    prior_steps: int | None = param(None, "prior sampling steps (null: each run's config)", ge=1)
+    prior_guidance: float = param(1.0, "prior classifier-free guidance scale", ge=0)
+    num_candidates: int | None = param(
+        None, "prior samples per caption, keeping the closest to the text (null: the run's)", ge=1
+    )
+    temperature: float | None = param(
+        None, "autoregressive prior: sampling temperature (null: its default)", gt=0
+    )
+    decoder_sampler: Literal["ddpm", "ddim"] | None = param(
+        None, "decoder sampler (null: the run's diffusion.sampler)"
+    )
+    upsampler_sampler: Literal["ddpm", "ddim"] | None = param(
+        None, "upsamplers' sampler (null: each run's diffusion.sampler)"
+    )
+    store: str | None = param(
+        None,
+        "embedding store folder (<store root>/<clip-id>) whose captions are the prompts and whose "
+        "image embeddings are the real images (null: the store the decoder was trained on)",
+    )
+    shards: str | None = param(
+        None,
+        "source shards with the real images, for FID and their attribute accuracy (null: the "
+        "shards the store was made from, as its manifest records)",
+    )
+    prompts: list[str] = param(
+        factory=list,
+        doc="captions to draw; empty: num_prompts captions drawn from the store (seed)",
+    )
+    num_prompts: int = param(32, "captions drawn from the store when prompts is empty", ge=1)
+    heldout_pairs: list[str] = param(
+        factory=list,
+        doc="'colour shape' pairs the training data left out (the synth config's holdout): "
+        "num_heldout prompts of captioned-shapes scenes each naming one; empty: no such set",
+    )
+    num_heldout: int = param(16, "held-out prompts, when heldout_pairs is given", ge=1)
+    samples_per_prompt: int = param(1, "images per prompt and conditioning", ge=1)
+    num_real: int | None = param(
+        None,
+        "real images the Fréchet distances compare with, drawn from the store (null: as many as "
+        "images generated per conditioning for the first prompt set)",
+        ge=2,
+    )
+    inception_weights: str | None = param(
+        None,
+        "torchvision Inception-v3 weights file for FID (local or from root; nothing is "
+        "downloaded); FID is skipped, with a note, without it",
+    )
+    batch_size: int = param(16, "images generated (and encoded) at once", ge=1)
+    grid_prompts: int = param(8, "prompts of each set shown in each conditioning's grid", ge=1)
+    output: str = param("eval", "where report.json, report.md, the plot and the grids go")
+
+    def selected(self) -> list[str]:
+        """The conditionings to compare: those listed, or every one the config can run."""
+        if self.conditionings:
+            return list(self.conditionings)
+        names = ["caption", "text_embedding"]
+        return names + [name for name in ("prior", "ar_prior") if getattr(self, name)]
+
+    def holdout_pairs(self) -> frozenset[tuple[str, str]]:
+        return frozenset(tuple(p.split()) for p in self.heldout_pairs)  # type: ignore[misc]
+
+    def validate(self) -> None:
+        super().validate()
+        from pipeline.shapes import COLORS, SHAPES
+
+        for name in ("prior", "ar_prior"):
+            require(
+                name not in self.conditionings or bool(getattr(self, name)),
+                name,
+                f'conditioning "{name}" needs a prior run here',
+            )
+        require(
+            len(set(self.conditionings)) == len(self.conditionings),
+            "conditionings",
+            "lists a conditioning twice",
+        )
+        for i, pair in enumerate(self.heldout_pairs):
+            words = pair.split()
+            require(
+                len(words) == 2 and words[0] in COLORS and words[1] in SHAPES,
+                f"heldout_pairs[{i}]",
+                f"expected 'colour shape' with a colour in {', '.join(COLORS)} and a shape in "
+                f"{', '.join(SHAPES)}, got {pair!r}",
+            )
 
 
 # stage → (config class, folder under configs/ holding its YAML files, one per size)

@@ -1,0 +1,785 @@
+"""``unclip eval``: the decoder's conditionings compared on one cascade, as DALL-E 2 section 5.1
+(figure 7) does: the caption alone, the CLIP text embedding in place of z_i (no prior), and z_i
+from a prior (diffusion, and autoregressive when one is given).
+
+Every conditioning draws the same prompts with the same seed through the same decoder and
+upsamplers (``unclip.generation.generate``), and is scored on its final (highest-resolution)
+images with ``pipeline.metrics``:
+
+* **CLIP score**: the generated images encoded by the CLIP that made the decoder's embedding store,
+  against the prompts' text embeddings by the same CLIP;
+* **FD (CLIP)**: Fréchet distance between the generated images' CLIP image embeddings and the real
+  images' stored ones (a draw from the store: as many as the images of the first prompt set);
+* **FID**: the same on Inception-v3 pool features, the real images decoded from the source shards
+  at the generated resolution, when ``inception_weights`` names a local file (skipped, with a
+  note, otherwise);
+* **attribute accuracy**: for the captioned-shapes dataset, whether the colour and the shape each
+  prompt names are in its image (:func:`pipeline.metrics.attribute_accuracy`), on the final images
+  and on the decoder's 64px ones, for prompts like the training captions and, separately, for
+  prompts naming a held-out colour-shape pair (``heldout_pairs``: the generalisation test).
+
+Prompt sets: ``train`` (the config's prompts, or ``num_prompts`` captions drawn from the store) and
+``heldout`` (``num_heldout`` captioned-shapes scenes, each with a held-out pair). A ``real`` row
+scores the drawn real images the same way (CLIP score from the store's embeddings, attribute
+accuracy of the decoded images), as the ceiling the conditionings are read against.
+
+Outputs under ``<root>/<output>/``: ``report.json`` (every number, the config, the checkpoints with
+their steps, timings), ``report.md`` (a table, what each metric means, links to the pictures),
+``metrics.png`` (bars of attribute accuracy and CLIP score per conditioning) and one captioned
+``grid_<conditioning>.png`` per conditioning. The same config and seed give the same numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import config as configlib
+from pipeline import grids, metrics
+from pipeline.cascade import (
+    PRIOR,
+    Cascade,
+    StageCheckpoint,
+    _check_same_clip,
+    find_checkpoint,
+    load_cascade,
+    load_stage_model,
+    plan_cascade,
+)
+from pipeline.embed_store import (
+    EmbeddingStore,
+    column_array,
+    decode_image,
+    iter_shard_with_embeddings,
+)
+from pipeline.errors import UserFacingError
+from pipeline.shapes import sample_scene
+from pipeline.stage_config import EvalConfig
+from pipeline.storage import Storage, basename, is_local, join
+from unclip import generation
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "metrics.png"
+TRAIN, HELDOUT = "train", "heldout"
+GRID_WIDTH = 256  # the least width of a grid row, for its caption
+
+METRIC_DOCS: dict[str, str] = {
+    "CLIP score": "100 × the cosine between each generated image's CLIP image embedding and its "
+    "prompt's CLIP text embedding (the store's CLIP), averaged; higher follows the prompt better",
+    "FD (CLIP)": "Fréchet distance between the generated and the real images' CLIP image "
+    "embeddings (the first prompt set); lower is closer to the data",
+    "FID": "the same on Inception-v3 pool features at the final resolution (torchvision's "
+    "weights: comparable between runs of this project, not with published FIDs)",
+    "colour, shape": "of the (colour, shape) objects a prompt names, the fraction whose colour is "
+    "in the image, and whose colour is drawn as the named shape (a geometric checker; prompts "
+    "that name none are left out)",
+    "held-out": "the same on prompts that name a colour-shape pair the training data left out",
+    "@64px": "the same on the decoder's output (64px in the paper), before the upsamplers",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and real images
+
+
+@dataclass
+class StoreRows:
+    """Rows drawn from the embedding store: source shard, key, caption, unit-norm embeddings."""
+
+    shards: list[str]
+    keys: list[str]
+    captions: list[str]
+    image_emb: np.ndarray  # (N, D) float32
+    text_emb: np.ndarray  # (N, D) float32
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class PromptSet:
+    """One set of prompts scored on its own: ``train`` or ``heldout``."""
+
+    name: str
+    prompts: list[str]
+    source: str
+
+
+def draw_store_rows(store: EmbeddingStore, count: int, seed: int) -> StoreRows:
+    """``count`` rows with a caption, drawn without replacement from the whole store (seeded);
+    embeddings are read only from the shards the draw falls in."""
+    names = sorted(store.completed())
+    if not names:
+        raise UserFacingError(f"the embedding store at {store.url} has no completed shards")
+    candidates: list[tuple[str, int, str, str]] = []
+    for name in names:
+        table = store.read_shard(name, ["key", "caption"])
+        for i, (key, caption) in enumerate(
+            zip(table.column("key").to_pylist(), table.column("caption").to_pylist(), strict=True)
+        ):
+            if caption and caption.strip():
+                candidates.append((name, i, key, caption))
+    if not candidates:
+        raise UserFacingError(f"the embedding store at {store.url} has no captioned rows")
+    order = np.random.default_rng(seed).permutation(len(candidates))[:count]
+    chosen = [candidates[i] for i in order]
+    by_shard: dict[str, list[tuple[int, int]]] = {}
+    for pos, (name, i, _, _) in enumerate(chosen):
+        by_shard.setdefault(name, []).append((pos, i))
+    image_emb: list[np.ndarray | None] = [None] * len(chosen)
+    text_emb: list[np.ndarray | None] = [None] * len(chosen)
+    for name, items in by_shard.items():
+        table = store.read_shard(name, ["image_emb", "text_emb"])
+        image, text = column_array(table, "image_emb"), column_array(table, "text_emb")
+        for pos, i in items:
+            image_emb[pos], text_emb[pos] = image[i], text[i]
+    return StoreRows(
+        shards=[c[0] for c in chosen],
+        keys=[c[2] for c in chosen],
+        captions=[c[3] for c in chosen],
+        image_emb=np.stack(image_emb).astype(np.float32),
+        text_emb=np.stack(text_emb).astype(np.float32),
+    )
+
+
+def heldout_prompts(pairs: frozenset[tuple[str, str]], count: int, seed: int) -> list[str]:
+    """Captions of ``count`` captioned-shapes scenes (:func:`pipeline.shapes.sample_scene`), each
+    with at least one ``(colour, shape)`` of ``pairs``: pairs the training split never shows."""
+    return [sample_scene(seed, i, require_pairs=pairs).caption for i in range(count)]
+
+
+def read_real_images(
+    storage: Storage, shards_url: str, store: EmbeddingStore, rows: StoreRows, size: int
+) -> np.ndarray | None:
+    """The rows' images (N, size, size, 3) uint8 from the source shards beside the store (one
+    pass over each tar the rows fall in), or None when any is missing there."""
+    wanted: dict[str, dict[str, int]] = {}
+    for pos, (shard, key) in enumerate(zip(rows.shards, rows.keys, strict=True)):
+        wanted.setdefault(shard, {})[key] = pos
+    images: list[np.ndarray | None] = [None] * len(rows)
+    for shard, keys in wanted.items():
+        for sample in iter_shard_with_embeddings(storage, shards_url, store, shard, columns=()):
+            pos = keys.get(sample["key"])
+            if pos is not None:
+                images[pos] = decode_image(sample["image_bytes"], size)
+    missing = sum(image is None for image in images)
+    if missing:
+        log.warning(
+            "%d of %d real images are not in the shards at %s", missing, len(rows), shards_url
+        )
+        return None
+    return np.stack(images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Prior:
+    """A loaded prior for one conditioning, with the checkpoint it came from."""
+
+    checkpoint: StageCheckpoint
+    model: nn.Module
+
+    @property
+    def kind(self) -> str:
+        return str(self.checkpoint.cfg.model.kind)
+
+
+def _label(name: str, prior: Prior | None) -> str:
+    if name == "caption":
+        return "caption only"
+    if name == "text_embedding":
+        return "text embedding (no prior)"
+    kind = "AR" if prior is not None and prior.kind == "autoregressive" else "diffusion"
+    return f"{kind} prior" + (" (ar_prior)" if name == "ar_prior" else "")
+
+
+def _local_file(storage: Storage, url: str, tmp: str) -> str:
+    """A local path for ``url``: itself when local, else a copy in ``tmp``."""
+    if is_local(url):
+        return url[len("file://") :] if url.startswith("file://") else url
+    path = os.path.join(tmp, basename(url))
+    with open(path, "wb") as handle:
+        handle.write(storage.read_bytes(url))
+    return path
+
+
+def load_inception(
+    cfg: EvalConfig, storage: Storage, device: torch.device, notes: list[str]
+) -> metrics.InceptionFeatures | None:
+    """The FID network from ``inception_weights`` (relative to root unless absolute), or None with
+    a note when the config gives none or the file is not there. A file that is there but is not
+    Inception-v3 weights is an error (before anything is generated)."""
+    if not cfg.inception_weights:
+        notes.append(
+            "FID skipped: no inception_weights (a local torchvision Inception-v3 weights file, "
+            "e.g. inception_v3_google-0cc3c7bd.pth; nothing is downloaded)"
+        )
+        return None
+    url = cfg.url(cfg.inception_weights)
+    if not storage.exists(url):
+        notes.append(f"FID skipped: no Inception weights at {url} (config key: inception_weights)")
+        log.warning("FID skipped: no Inception weights at %s", url)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return metrics.load_inception(_local_file(storage, url, tmp), device)
+
+
+def _open(cfg: EvalConfig, storage: Storage) -> tuple[Cascade, dict[str, Prior]]:
+    """Plan (check) and load the cascade with ``prior``, and ``ar_prior`` beside it."""
+    names = cfg.selected()
+    first = cfg.prior if "prior" in names else None
+    plan = plan_cascade(
+        storage,
+        cfg.root,
+        decoder=cfg.decoder,
+        prior=first,
+        upsamplers=cfg.upsamplers,
+        clip=cfg.clip,
+    ).with_samplers(cfg.decoder_sampler, cfg.upsampler_sampler)
+    second = None
+    if "ar_prior" in names:
+        second = find_checkpoint(storage, cfg.url(cfg.ar_prior), PRIOR, "ar_prior")
+        _check_same_clip(second, plan.decoder)
+    cascade = load_cascade(plan, storage, cfg.device)
+    priors = {}
+    if plan.prior is not None:
+        priors["prior"] = Prior(plan.prior, cascade.prior)
+    if second is not None:
+        priors["ar_prior"] = Prior(second, load_stage_model(storage, second, cascade.device))
+    return cascade, priors
+
+
+def _store(cfg: EvalConfig, storage: Storage, cascade: Cascade) -> EmbeddingStore:
+    """The store to draw prompts and real images from; its CLIP must be the cascade's."""
+    url = cfg.url(cfg.store) if cfg.store else cascade.plan.decoder.info.get("store")
+    if not url:
+        raise UserFacingError(
+            f"the decoder {cascade.plan.decoder.url} does not record its embedding store: set store"
+        )
+    store = EmbeddingStore(storage, url)
+    if not store.exists():
+        raise UserFacingError(f"no embedding store at {url} (config key: store)")
+    found = store.manifest()["clip"]["id"]
+    if found != cascade.plan.clip_id:
+        raise UserFacingError(
+            f"the embedding store at {url} was made by {found!r}, but the cascade reads "
+            f"embeddings of {cascade.plan.clip_id!r}: give the decoder's store (config key: store)"
+        )
+    return store
+
+
+# ----------------------------------------------------------------------------------------------
+# Generating and scoring one conditioning
+
+
+@dataclass
+class Generated:
+    """One conditioning's images for every row, and their features."""
+
+    final: np.ndarray  # (N, H, W, 3) uint8
+    decoder: np.ndarray  # (N, S, S, 3) uint8, the decoder's output
+    clip_emb: np.ndarray  # (N, D) float32, unit norm
+    seconds: dict[str, float]
+
+
+def _as_pil(pixels: np.ndarray) -> list[Any]:
+    from PIL import Image
+
+    return [Image.fromarray(p) for p in pixels]
+
+
+def generate_rows(
+    cascade: Cascade,
+    cfg: EvalConfig,
+    conditioning: str,
+    prior: Prior | None,
+    text_emb: torch.Tensor,
+    tokens: torch.Tensor,
+) -> Generated:
+    """Images of every row with one conditioning, ``cfg.batch_size`` rows at a time from one
+    generator seeded by ``cfg.seed`` (chunked as ``unclip sample`` does), and their CLIP image
+    embeddings (of the uint8 images, as a saved PNG would be encoded)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    temperature = cfg.temperature if prior is not None and prior.kind == "autoregressive" else None
+    mode = "prior" if conditioning in ("prior", "ar_prior") else conditioning
+    finals, lows, embs = [], [], []
+    spent = {"generate": 0.0, "clip": 0.0}
+    for start in range(0, text_emb.shape[0], cfg.batch_size):
+        rows = slice(start, start + cfg.batch_size)
+        began = time.perf_counter()
+        result = generation.generate(
+            text_emb[rows],
+            tokens[rows],
+            decoder=cascade.decoder,
+            prior=prior.model if prior is not None else None,
+            upsamplers=cascade.upsamplers,
+            conditioning=mode,
+            prior_guidance=cfg.prior_guidance,
+            prior_steps=cfg.prior_steps,
+            num_candidates=cfg.num_candidates,
+            temperature=temperature,
+            decoder_guidance=cfg.decoder_guidance,
+            decoder_steps=cfg.decoder_steps,
+            upsampler_steps=cfg.upsampler_steps,
+            generator=generator,
+        )
+        finals.append(grids.to_uint8(result.final))
+        lows.append(grids.to_uint8(result.images[0]))
+        encoded = time.perf_counter()
+        embs.append(cascade.encode_images(_as_pil(finals[-1])).cpu().numpy())
+        spent["generate"] += encoded - began
+        spent["clip"] += time.perf_counter() - encoded
+    return Generated(np.concatenate(finals), np.concatenate(lows), np.concatenate(embs), spent)
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _attributes(images: np.ndarray, captions: Sequence[str]) -> dict[str, Any]:
+    return metrics.attribute_accuracy(list(images), list(captions))
+
+
+def frechet_distance_few(x: np.ndarray, y: np.ndarray) -> float:
+    """:func:`pipeline.metrics.frechet_distance_features` of (n, D) and (m, D) features, exactly,
+    in O(n·m·D) rather than O(D³): for fewer rows than dimensions (32 images' 2048 Inception
+    features), where the two D x D eigendecompositions take seconds each on a CPU.
+
+    With A, B the centred features, C_a = AᵀA/(n-1) and C_b = BᵀB/(m-1), the non-zero eigenvalues
+    of C_a C_b are those of (ABᵀ)(BAᵀ)/((n-1)(m-1)), the squared singular values of ABᵀ (n x m),
+    so Tr (C_a C_b)^½ is the sum of the singular values of ABᵀ over √((n-1)(m-1)).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    a, b = x - x.mean(axis=0), y - y.mean(axis=0)
+    n, m = len(x) - 1, len(y) - 1
+    diff = x.mean(axis=0) - y.mean(axis=0)
+    trace_sqrt = float(np.linalg.svd(a @ b.T, compute_uv=False).sum()) / math.sqrt(n * m)
+    distance = float(diff @ diff) + float((a * a).sum()) / n + float((b * b).sum()) / m
+    return max(distance - 2.0 * trace_sqrt, 0.0)
+
+
+def _frechet(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return None
+    if len(a) + len(b) < a.shape[1]:
+        return frechet_distance_few(a, b)
+    return metrics.frechet_distance_features(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures and the Markdown report
+
+
+def _fit(text: str, font: Any, width: int) -> str:
+    while text and font.getlength(text) > width:
+        text = text[:-1]
+    return text
+
+
+_BAR_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
+
+
+def bar_chart_png(
+    groups: Sequence[str],
+    panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[float | None]]], float]],
+    panel_size: tuple[int, int] = (520, 360),
+) -> bytes:
+    """Grouped bar charts side by side, drawn with Pillow as :mod:`pipeline.plots` draws loss
+    curves: each panel ``(title, [(series name, one value per group)], axis maximum)``; missing
+    (None or NaN) values are left as gaps marked "-"."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width, height = panel_size
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (title, series, top_value) in enumerate(panels):
+        x0 = p * width
+        left, right, top, bottom = x0 + 50, x0 + width - 15, 50, height - 40
+        draw.text((left, 8), title, fill="black")
+        x = left
+        for s, (name, _) in enumerate(series):
+            color = _BAR_COLORS[s % len(_BAR_COLORS)]
+            draw.rectangle([x, 27, x + 10, 37], fill=color)
+            draw.text((x + 14, 26), name, fill="black")
+            x += 14 + int(draw.textlength(name)) + 14
+        for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = bottom - frac * (bottom - top)
+            draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+            draw.text((x0 + 6, y - 6), f"{top_value * frac:.3g}", fill="black")
+        draw.rectangle([left, top, right, bottom], outline="black")
+        group_width = (right - left) / max(len(groups), 1)
+        bar = group_width * 0.8 / max(len(series), 1)
+        for g, group in enumerate(groups):
+            gx = left + g * group_width + group_width * 0.1
+            for s, (_, values) in enumerate(series):
+                value, bx = values[g], gx + s * bar
+                if value is None or not math.isfinite(value):
+                    draw.text((bx + bar / 2 - 3, bottom - 14), "-", fill="gray")
+                    continue
+                y = bottom - min(max(value / top_value, 0.0), 1.0) * (bottom - top)
+                draw.rectangle([bx, y, bx + bar - 2, bottom], fill=_BAR_COLORS[s % 5])
+            label = _fit(group, font, int(group_width) - 4)
+            draw.text((left + g * group_width + 2, bottom + 8), label, fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _get(entry: dict[str, Any] | None, *path: str) -> Any:
+    for key in path:
+        if not isinstance(entry, dict):
+            return None
+        entry = entry.get(key)
+    return entry
+
+
+def _ordered(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The report's conditionings in the order evaluated (JSON files sort their keys)."""
+    return [(name, report["conditionings"][name]) for name in report["order"]]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe data: NaN and infinities as null, numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _columns(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
+    """The Markdown table's columns: (header, path into a conditioning's entry, format)."""
+    low = f"@{report['resolutions'][0]}px"
+    held = HELDOUT in report["prompts"]
+    columns = [
+        ("CLIP score", ("sets", TRAIN, "clip_score"), "score"),
+        ("CLIP score, held-out", ("sets", HELDOUT, "clip_score"), "score"),
+        ("FD (CLIP)", ("fd_clip",), "distance"),
+        ("FID", ("fid",), "distance"),
+        ("colour", ("sets", TRAIN, "attributes", "color"), "pct"),
+        ("shape", ("sets", TRAIN, "attributes", "shape"), "pct"),
+        ("held-out colour", ("sets", HELDOUT, "attributes", "color"), "pct"),
+        ("held-out shape", ("sets", HELDOUT, "attributes", "shape"), "pct"),
+        (f"shape {low}", ("sets", TRAIN, "attributes_decoder", "shape"), "pct"),
+        (f"held-out shape {low}", ("sets", HELDOUT, "attributes_decoder", "shape"), "pct"),
+    ]
+    return [c for c in columns if held or "held-out" not in c[0]]
+
+
+def _format(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if kind == "pct":
+        return f"{100 * value:.0f}%"
+    if kind == "score":
+        return f"{value:.1f}"
+    return f"{value:.4g}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """``report.md``: what was evaluated, one table row per conditioning (and the real images),
+    what each column means, the notes, and links to the pictures."""
+    checkpoints = report["checkpoints"]
+    stages = [f"decoder `{checkpoints['decoder']['url']}` (step {checkpoints['decoder']['step']})"]
+    stages += [f"upsampler `{u['url']}` (step {u['step']})" for u in checkpoints["upsamplers"]]
+    for key in ("prior", "ar_prior"):
+        if checkpoints.get(key):
+            stages.append(f"{key} `{checkpoints[key]['url']}` (step {checkpoints[key]['step']})")
+    prompts = report["prompts"]
+    sets = [f"{len(prompts[TRAIN])} prompts ({report['prompt_sources'][TRAIN]})"]
+    if HELDOUT in prompts:
+        pairs = ", ".join(report["config"]["heldout_pairs"])
+        sets.append(f"{len(prompts[HELDOUT])} held-out prompts (each names one of: {pairs})")
+    sides = " → ".join(f"{side}px" for side in report["resolutions"])
+    columns = _columns(report)
+    lines = [
+        "# unCLIP evaluation: the decoder's conditionings compared (DALL-E 2 §5.1, figure 7)",
+        "",
+        f"Checkpoints: {'; '.join(stages)}. CLIP: `{checkpoints['clip']}`.",
+        "",
+        f"{' and '.join(sets)}; {report['config']['samples_per_prompt']} image(s) per prompt, "
+        f"seed {report['config']['seed']}, {sides}; {report['real']['images']} real images.",
+        "",
+        "| conditioning | " + " | ".join(header for header, _, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for _, entry in [*_ordered(report), ("real", report["real"])]:
+        cells = [_format(_get(entry, *path), kind) for _, path, kind in columns]
+        lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "What the columns mean:", ""]
+    low = f"@{report['resolutions'][0]}px"
+    docs = {(low if name == "@64px" else name): doc for name, doc in METRIC_DOCS.items()}
+    lines += [f"- **{name}**: {doc}." for name, doc in docs.items()]
+    if report["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
+    links = " · ".join(f"[{entry['label']}]({entry['grid']})" for _, entry in _ordered(report))
+    lines += [
+        "",
+        f"![attribute accuracy and CLIP score per conditioning]({report['plot']})",
+        "",
+        f"Sample grids, one row per prompt: {links}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_png(report: dict[str, Any]) -> bytes:
+    """Bars of attribute accuracy and CLIP score per conditioning (and the real images)."""
+    entries = [*_ordered(report), ("real", report["real"])]
+    groups = [name for name, _ in entries]
+    held = HELDOUT in report["prompts"]
+
+    def values(*path: str) -> list[float | None]:
+        return [_get(entry, *path) for _, entry in entries]
+
+    accuracy = [
+        ("colour", values("sets", TRAIN, "attributes", "color")),
+        ("shape", values("sets", TRAIN, "attributes", "shape")),
+    ]
+    scores = [("prompts", values("sets", TRAIN, "clip_score"))]
+    if held:
+        accuracy += [
+            ("held-out colour", values("sets", HELDOUT, "attributes", "color")),
+            ("held-out shape", values("sets", HELDOUT, "attributes", "shape")),
+        ]
+        scores.append(("held-out", values("sets", HELDOUT, "clip_score")))
+    finite = [v for _, vs in scores for v in vs if v is not None and math.isfinite(v)]
+    top = max(10.0, 10.0 * math.ceil(max(finite, default=100.0) * 1.1 / 10))
+    return bar_chart_png(
+        groups,
+        [
+            ("attribute accuracy (final images)", accuracy, 1.0),
+            ("CLIP score (100 x cosine)", scores, min(top, 100.0)),
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def _set_metrics(
+    images: np.ndarray,
+    low: np.ndarray | None,
+    clip_emb: np.ndarray,
+    text_emb: np.ndarray,
+    prompts: Sequence[str],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "images": len(prompts),
+        "clip_score": metrics.clip_score(clip_emb, text_emb) if len(prompts) else None,
+        "attributes": _attributes(images, prompts) if images is not None else None,
+    }
+    if low is not None:
+        out["attributes_decoder"] = _attributes(low, prompts)
+    return out
+
+
+def _grid(
+    gen: Generated, sets: Sequence[PromptSet], spans: dict[str, slice], per: int, cfg: EvalConfig
+) -> bytes:
+    """One row per prompt (its samples) under the prompt; small images are enlarged (nearest) so
+    that a row is at least :data:`GRID_WIDTH` pixels wide and its caption readable."""
+    side = gen.final.shape[1]
+    scale = max(1, math.ceil(GRID_WIDTH / (per * side)))
+    images = gen.final.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else gen.final
+    rows, captions = [], []
+    for prompt_set in sets:
+        first = spans[prompt_set.name].start
+        for i, prompt in enumerate(prompt_set.prompts[: cfg.grid_prompts]):
+            rows.append(list(images[first + i * per : first + (i + 1) * per]))
+            captions.append(("held-out: " if prompt_set.name == HELDOUT else "") + prompt)
+    return grids.captioned_grid(rows, captions)
+
+
+def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
+    """``unclip eval``: generate with every conditioning of ``cfg.selected()``, score, and write
+    the report (module docstring). Returns the paths written and the headline numbers:
+    ``{"output", "report", "markdown", "plot", "grids": {conditioning: url}, "metrics":
+    {conditioning: {"clip_score", "fd_clip", "fid", "shape", "heldout_shape"}}, "notes"}``."""
+    storage = storage or Storage(cfg.storage)
+    began = time.perf_counter()
+    notes: list[str] = []
+    cascade, priors = _open(cfg, storage)
+    store = _store(cfg, storage, cascade)
+    inception = load_inception(cfg, storage, cascade.device, notes)
+    timings: dict[str, Any] = {"load": time.perf_counter() - began}
+
+    # Prompts, and the real images the distances compare with
+    started = time.perf_counter()
+    per = cfg.samples_per_prompt
+    num_first = len(cfg.prompts) if cfg.prompts else cfg.num_prompts
+    num_real = cfg.num_real or num_first * per
+    drawn = draw_store_rows(store, max(num_real, 0 if cfg.prompts else num_first), cfg.seed)
+    if cfg.prompts:
+        sets = [PromptSet(TRAIN, list(cfg.prompts), "the config's prompts")]
+        notes.append(
+            "FD (CLIP) and FID compare the config's prompts' images with real images drawn from "
+            "the store: they measure the prompt choice as well as the images"
+        )
+    else:
+        captions = drawn.captions[:num_first]
+        sets = [PromptSet(TRAIN, captions, f"captions drawn from the store, seed {cfg.seed}")]
+        if len(captions) < num_first:
+            notes.append(f"the store has {len(drawn)} captioned rows: {len(captions)} prompts")
+    if cfg.heldout_pairs:
+        prompts = heldout_prompts(cfg.holdout_pairs(), cfg.num_heldout, cfg.seed)
+        sets.append(PromptSet(HELDOUT, prompts, "captioned-shapes scenes with a held-out pair"))
+    real = StoreRows(
+        drawn.shards[:num_real],
+        drawn.keys[:num_real],
+        drawn.captions[:num_real],
+        drawn.image_emb[:num_real],
+        drawn.text_emb[:num_real],
+    )
+    row_prompts = [p for s in sets for p in s.prompts for _ in range(per)]
+    spans, first = {}, 0
+    for prompt_set in sets:
+        spans[prompt_set.name] = slice(first, first + len(prompt_set.prompts) * per)
+        first = spans[prompt_set.name].stop
+    encoded = [
+        cascade.encode_text(row_prompts[i : i + cfg.batch_size])
+        for i in range(0, len(row_prompts), cfg.batch_size)
+    ]
+    text_emb = torch.cat([e for e, _ in encoded])
+    tokens = torch.cat([t for _, t in encoded])
+    text_np = text_emb.cpu().numpy()
+    side = cascade.resolutions[-1]
+    shards_url = cfg.url(cfg.shards) if cfg.shards else store.manifest().get("source")
+    real_images = read_real_images(storage, shards_url, store, real, side) if shards_url else None
+    if real_images is None:
+        notes.append(
+            f"the real images are not all in the source shards ({shards_url}; config key: "
+            "shards): no FID and no attribute accuracy of real images"
+        )
+    real_features = None
+    if inception is not None and real_images is not None:
+        real_features = metrics.inception_features(inception, _pixels(real_images), cfg.batch_size)
+    real_entry = {
+        "label": "real images (reference)",
+        "images": len(real),
+        "sets": {
+            TRAIN: _set_metrics(real_images, None, real.image_emb, real.text_emb, real.captions)
+        },
+    }
+    timings["prompts_and_real_images"] = time.perf_counter() - started
+
+    # Each conditioning
+    output = cfg.url(cfg.output)
+    entries: dict[str, dict[str, Any]] = {}
+    grid_urls: dict[str, str] = {}
+    timings["conditionings"] = {}
+    first_rows = spans[TRAIN]
+    for name in cfg.selected():
+        prior = priors.get(name)
+        log.info("eval: %s on %d rows", name, len(row_prompts))
+        gen = generate_rows(cascade, cfg, name, prior, text_emb, tokens)
+        seconds = dict(gen.seconds)
+        started = time.perf_counter()
+        fid = None
+        if real_features is not None:
+            features = metrics.inception_features(
+                inception, _pixels(gen.final[first_rows]), cfg.batch_size
+            )
+            fid = _frechet(features, real_features)
+        seconds["inception"] = time.perf_counter() - started
+        started = time.perf_counter()
+        entry = {
+            "label": _label(name, prior),
+            "checkpoint": prior.checkpoint.describe() if prior is not None else None,
+            "prior_kind": prior.kind if prior is not None else None,
+            "fd_clip": _frechet(gen.clip_emb[first_rows], real.image_emb),
+            "fid": fid,
+            "sets": {
+                s.name: _set_metrics(
+                    gen.final[spans[s.name]],
+                    gen.decoder[spans[s.name]],
+                    gen.clip_emb[spans[s.name]],
+                    text_np[spans[s.name]],
+                    row_prompts[spans[s.name]],
+                )
+                for s in sets
+            },
+            "grid": f"grid_{name}.png",
+        }
+        seconds["metrics"] = time.perf_counter() - started
+        grid_urls[name] = join(output, entry["grid"])
+        storage.write_bytes(grid_urls[name], _grid(gen, sets, spans, per, cfg))
+        entries[name] = entry
+        timings["conditionings"][name] = seconds
+
+    # The report
+    checkpoints = cascade.plan.describe()
+    if "ar_prior" in priors:
+        checkpoints["ar_prior"] = priors["ar_prior"].checkpoint.describe()
+    timings["total"] = time.perf_counter() - began
+    report = _clean(
+        {
+            "command": "eval",
+            "config": configlib.to_dict(cfg),
+            "checkpoints": checkpoints,
+            "device": str(cascade.device),
+            "resolutions": cascade.resolutions,
+            "prompts": {s.name: s.prompts for s in sets},
+            "prompt_sources": {s.name: s.source for s in sets},
+            "real": {**real_entry, "keys": real.keys, "shards": shards_url},
+            "order": list(entries),
+            "conditionings": entries,
+            "metrics": METRIC_DOCS,
+            "notes": notes,
+            "plot": PLOT,
+            "timings_s": _round(timings),
+        }
+    )
+    urls = {key: join(output, name) for key, name in (("json", REPORT_JSON), ("md", REPORT_MD))}
+    plot_url = join(output, PLOT)
+    storage.write_bytes(plot_url, plot_png(report))
+    storage.write_text(urls["md"], markdown_report(report))
+    storage.write_json(urls["json"], report)
+    log.info("eval: %d conditionings, report at %s", len(entries), urls["md"])
+    return {
+        "output": output,
+        "report": urls["json"],
+        "markdown": urls["md"],
+        "plot": plot_url,
+        "grids": grid_urls,
+        "metrics": {
+            name: {
+                "clip_score": _get(entry, "sets", TRAIN, "clip_score"),
+                "fd_clip": entry["fd_clip"],
+                "fid": entry["fid"],
+                "color": _get(entry, "sets", TRAIN, "attributes", "color"),
+                "shape": _get(entry, "sets", TRAIN, "attributes", "shape"),
+                "heldout_shape": _get(entry, "sets", HELDOUT, "attributes", "shape"),
+            }
+            for name, entry in _ordered(report)
+        },
+        "notes": notes,
+    }
+
+
+def _round(timings: Any) -> Any:
+    if isinstance(timings, dict):
+        return {k: _round(v) for k, v in timings.items()}
+    return round(float(timings), 3)
