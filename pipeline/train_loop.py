@@ -6,8 +6,13 @@ hands it (model, EMA, AdamW, schedule, step, data position, loss history), wraps
 bf16 autocast on GPU, gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
 steps it reports loss, learning rate, samples/s, step time and ETA (printed by rank 0, written for
 TensorBoard); every ``checkpoint.every_steps`` and at the end rank 0 writes a checkpoint with a grid
-of EMA samples and the loss curve. The randomness of each step (timesteps, noise, dropout) is seeded
-by (seed, step, rank), so a resumed run draws what an uninterrupted one would have.
+of EMA samples and the loss curve, reported to Ray Train with that step's metrics. Only checkpoints
+are reported: Ray Train (V2) keeps no metrics without a checkpoint, and ``ray.train.report`` blocks
+until its controller has taken the previous report, which it polls for every 2 s
+(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report every ``log_every`` steps would cap a fast run
+at ``log_every`` steps per 2 s (``bench/train_throughput.py --log-every 5``). The randomness of
+each step (timesteps, noise, dropout) is seeded by (seed, step, rank), so a resumed run draws what
+an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -253,8 +258,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 extra_files=extra,
             )
             checkpoint = Checkpoint.from_directory(folder)
+            if step == end_step:  # flush() leaves tensorboardX's queued events unwritten; close()
+                writer.close()  # writes them, so the last copy holds every step's scalars
+                writer = None
             storage.copy_from_local(tb_dir, join(cfg.run_url(), "tensorboard"))
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_now:  # on every rank: a report is a collective (see the docstring)
+            ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
     if writer is not None:
