@@ -1,7 +1,8 @@
 """``unclip quickstart``: the whole pipeline on the built-in tiny config, on this machine.
 
-Local storage under ``runs/quickstart``, a local Ray, the tiny config of every stage. It runs each
-stage that exists in order and prints where the outputs are.
+Local storage under ``runs/quickstart``, a local Ray, the tiny config of every stage: synthetic
+data, CLIP, embeddings, prior, decoder, upsampler, samples for the sample config's prompts, and the
+evaluation report. It prints where the grid and the report are.
 """
 
 from __future__ import annotations
@@ -56,10 +57,16 @@ def _smoke(data: dict) -> None:
         data["optim"] = {**data.get("optim", {}), "warmup_steps": 2}
         if "diffusion" in data:  # the pictures at each checkpoint: a few sampling steps
             data["diffusion"] = {**data["diffusion"], "sampling_steps": 5}
+    elif "decoder" in data:  # generation and evaluation: a few images, a few sampling steps
+        data.update(decoder_steps=5, upsampler_steps=5)
+        few = {"prior_steps": 5, "samples_per_prompt": 1, "num_prompts": 4, "num_heldout": 2}
+        for key, value in few.items():
+            if key in data:
+                data[key] = value
 
 
 def run(cfg: QuickstartConfig) -> int:
-    from pipeline import embed, synth, trainer
+    from pipeline import embed, evaluate, sampling, synth, trainer
 
     started = time.time()
     storage = Storage(cfg.storage)
@@ -105,11 +112,23 @@ def run(cfg: QuickstartConfig) -> int:
             title,
             f"step {result['step']}, loss {result['loss']:.4f}: {result['checkpoint']} ({detail})",
         )
-    report.append(("not yet built", "sampling and evaluation (the following issues)"))
+    samples = sampling.run_sample(configs["sample"], storage)
+    stage("samples", f"{samples['images']} images, grid at {samples['grid']}")
+    evaluation = evaluate.run_eval(configs["eval"], storage)
+    headline = evaluation["metrics"].get("prior", {})
+    stage(
+        "evaluation",
+        f"colour {_percent(headline.get('color'))}, shape {_percent(headline.get('shape'))} "
+        f"(diffusion prior, training-like captions): {evaluation['markdown']}",
+    )
     width = max(len(name) for name, _ in report)
     lines = "\n".join(f"  {name:<{width}}  {text}" for name, text in report)
     print(f"\nunclip quickstart finished in {time.time() - started:.0f} s\n{lines}\n")
     return 0
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 STAGE = Stage(

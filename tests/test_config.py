@@ -83,7 +83,7 @@ def test_overrides_apply() -> None:
     assert cfg.run_url() == "s3://bucket/unclip/checkpoints/decoder"
     assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
     assert cfg.scaling.resources_per_worker == {"GPU_H100": 1.0}
-    assert cfg.model.channels == 32  # from the file
+    assert cfg.model.channels == 16  # from the file
 
 
 def _error(config_cls: type, yaml_text: str | None, overrides=(), tmp_path=None) -> str:

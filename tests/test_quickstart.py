@@ -1,5 +1,5 @@
 """The quickstart entrypoint on the embedded default: every stage config checked and saved, and
-every stage built so far run (in its smoke size)."""
+every stage run in its smoke size, through the samples and the evaluation report."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipeline.stage_config import STAGE_CONFIGS
 from pipeline.storage import Storage, join
 
 
-def test_quickstart_runs_the_built_stages(ray_local, tmp_path, capsys) -> None:
+def test_quickstart_runs_every_stage(ray_local, tmp_path, capsys) -> None:
     root = str(tmp_path / "qs")
     assert quickstart.main([f"root={root}", "smoke=true"]) == 0
     out = capsys.readouterr().out
@@ -30,6 +30,13 @@ def test_quickstart_runs_the_built_stages(ray_local, tmp_path, capsys) -> None:
         assert saved == expected[stage]
         assert saved.root == root
     assert completed_shards(storage, join(root, "shards")) == list(range(4))
+    samples = storage.read_json(join(root, "samples", "index.json"))
+    assert len(samples["images"]) == 4  # four prompts, one image each in smoke mode
+    assert f"grid at {root}/samples/grid.png" in out
+    report = storage.read_json(join(root, "eval", "report.json"))
+    assert set(report["order"]) == {"caption", "text_embedding", "prior"}
+    assert f"(diffusion prior, training-like captions): {root}/eval/report.md" in out
+    assert "| diffusion prior |" in storage.read_text(join(root, "eval", "report.md"))
 
 
 def test_quickstart_refuses_a_bad_config_before_starting(capsys) -> None:
