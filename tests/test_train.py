@@ -170,6 +170,8 @@ def test_image_stages_train(trained_root: Root, stage, cls, folder, overrides, f
 
 
 def test_resume_continues_like_an_uninterrupted_run(local_root: Root) -> None:
+    """A run stopped at step 10 and rerun continues like an uninterrupted one; on the way, a
+    half-written newer checkpoint is never picked and an incompatible config is refused."""
     root = local_root
     common = [
         "train.steps=30",
@@ -181,6 +183,25 @@ def test_resume_continues_like_an_uninterrupted_run(local_root: Root) -> None:
     run_training("train-prior", straight, root.storage)
     stopped = _cfg(PriorConfig, "prior", root, "run=stopped", "train.stop_at_step=10", *common)
     assert run_training("train-prior", stopped, root.storage)["step"] == 10
+    good = checkpoints.latest_checkpoint(root.storage, stopped.run_url())
+
+    # A checkpoint whose upload was cut short: newer name, files but no or a wrong marker.
+    partial = join(stopped.run_url(), "checkpoint_2099-01-01_00-00-00.000000")
+    root.storage.write_bytes(join(partial, "model.safetensors"), b"truncated")
+    root.storage.write_text(
+        join(partial, "checkpoint.json"),
+        json.dumps({"step": 99, "files": {"model.safetensors": 10**6}}),
+    )
+    assert checkpoints.latest_checkpoint(root.storage, stopped.run_url()) == good
+
+    wider = _cfg(
+        PriorConfig, "prior", root, "run=stopped", "model.width=64", "model.heads=2", *common
+    )
+    with pytest.raises(
+        UserFacingError, match=r"was trained to step 10 with another config \(model: "
+    ):
+        run_training("train-prior", wider, root.storage)
+
     resumed = _cfg(PriorConfig, "prior", root, "run=stopped", *common)
     assert run_training("train-prior", resumed, root.storage)["step"] == 30
 
@@ -192,56 +213,7 @@ def test_resume_continues_like_an_uninterrupted_run(local_root: Root) -> None:
     state = root.storage.read_json(
         join(checkpoints.latest_checkpoint(root.storage, resumed.run_url()), "state.json")
     )
-    assert state["step"] == 30 and state["samples"] == 30 * 32
-
-
-def test_incompatible_config_is_refused_and_partial_checkpoints_skipped(local_root: Root) -> None:
-    root = local_root
-    cfg = _cfg(
-        PriorConfig,
-        "prior",
-        root,
-        "run=refused",
-        "train.steps=10",
-        "checkpoint.every_steps=10",
-        "train.batch_size=32",
-    )
-    run_training("train-prior", cfg, root.storage)
-    good = checkpoints.latest_checkpoint(root.storage, cfg.run_url())
-
-    # A checkpoint whose upload was cut short: newer name, files but no or a wrong marker.
-    partial = join(cfg.run_url(), "checkpoint_2099-01-01_00-00-00.000000")
-    root.storage.write_bytes(join(partial, "model.safetensors"), b"truncated")
-    root.storage.write_text(
-        join(partial, "checkpoint.json"),
-        json.dumps({"step": 99, "files": {"model.safetensors": 10**6}}),
-    )
-    assert checkpoints.latest_checkpoint(root.storage, cfg.run_url()) == good
-    longer = _cfg(
-        PriorConfig,
-        "prior",
-        root,
-        "run=refused",
-        "train.steps=20",
-        "checkpoint.every_steps=10",
-        "train.batch_size=32",
-    )
-    assert run_training("train-prior", longer, root.storage)["step"] == 20
-
-    wider = _cfg(
-        PriorConfig,
-        "prior",
-        root,
-        "run=refused",
-        "train.steps=30",
-        "model.width=64",
-        "model.heads=2",
-        "train.batch_size=32",
-    )
-    with pytest.raises(
-        UserFacingError, match=r"was trained to step 20 with another config \(model: "
-    ):
-        run_training("train-prior", wider, root.storage)
+    assert state["step"] == 30 and state["samples"] == 30 * 32 and state["resumes"] == 1
 
 
 def test_a_killed_worker_is_survived(local_root: Root) -> None:
