@@ -356,29 +356,9 @@ def _attributes(images: np.ndarray, captions: Sequence[str]) -> dict[str, Any]:
     return metrics.attribute_accuracy(list(images), list(captions))
 
 
-def frechet_distance_few(x: np.ndarray, y: np.ndarray) -> float:
-    """:func:`pipeline.metrics.frechet_distance_features` of (n, D) and (m, D) features, exactly,
-    in O(n·m·D) rather than O(D³): for fewer rows than dimensions (32 images' 2048 Inception
-    features), where the two D x D eigendecompositions take seconds each on a CPU.
-
-    With A, B the centred features, C_a = AᵀA/(n-1) and C_b = BᵀB/(m-1), the non-zero eigenvalues
-    of C_a C_b are those of (ABᵀ)(BAᵀ)/((n-1)(m-1)), the squared singular values of ABᵀ (n x m),
-    so Tr (C_a C_b)^½ is the sum of the singular values of ABᵀ over √((n-1)(m-1)).
-    """
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    a, b = x - x.mean(axis=0), y - y.mean(axis=0)
-    n, m = len(x) - 1, len(y) - 1
-    diff = x.mean(axis=0) - y.mean(axis=0)
-    trace_sqrt = float(np.linalg.svd(a @ b.T, compute_uv=False).sum()) / math.sqrt(n * m)
-    distance = float(diff @ diff) + float((a * a).sum()) / n + float((b * b).sum()) / m
-    return max(distance - 2.0 * trace_sqrt, 0.0)
-
-
 def _frechet(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
     if a is None or b is None or len(a) < 2 or len(b) < 2:
         return None
-    if len(a) + len(b) < a.shape[1]:
-        return frechet_distance_few(a, b)
     return metrics.frechet_distance_features(a, b)
 
 

@@ -109,8 +109,37 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def frechet_distance_features(x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> float:
-    """:func:`frechet_distance` between the Gaussians fitted to two (N, D) feature matrices."""
+    """:func:`frechet_distance` between the Gaussians fitted to two (N, D) feature matrices; with
+    fewer rows than dimensions, by the exact O(n·m·D) form of :func:`_frechet_distance_few`."""
+    x, y = _as_float64(x), _as_float64(y)
+    few = (
+        x.ndim == y.ndim == 2
+        and x.shape[1] == y.shape[1]
+        and min(len(x), len(y)) >= 2
+        and len(x) + len(y) < x.shape[1]
+        and bool(np.isfinite(x).all() and np.isfinite(y).all())
+    )
+    if few:  # else feature_stats and frechet_distance check and explain the inputs
+        return _frechet_distance_few(x, y)
     return frechet_distance(feature_stats(x), feature_stats(y))
+
+
+def _frechet_distance_few(x: np.ndarray, y: np.ndarray) -> float:
+    """:func:`frechet_distance_features` of (n, D) and (m, D) features, exactly,
+    in O(n·m·D) rather than O(D³): for fewer rows than dimensions (32 images' 2048 Inception
+    features), where the two D x D eigendecompositions take seconds each on a CPU.
+
+    With A, B the centred features, C_a = AᵀA/(n-1) and C_b = BᵀB/(m-1), the non-zero eigenvalues
+    of C_a C_b are those of (ABᵀ)(BAᵀ)/((n-1)(m-1)), the squared singular values of ABᵀ (n x m),
+    so Tr (C_a C_b)^½ is the sum of the singular values of ABᵀ over √((n-1)(m-1)).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    a, b = x - x.mean(axis=0), y - y.mean(axis=0)
+    n, m = len(x) - 1, len(y) - 1
+    diff = x.mean(axis=0) - y.mean(axis=0)
+    trace_sqrt = float(np.linalg.svd(a @ b.T, compute_uv=False).sum()) / math.sqrt(n * m)
+    distance = float(diff @ diff) + float((a * a).sum()) / n + float((b * b).sum()) / m
+    return max(distance - 2.0 * trace_sqrt, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from test_sample import (  # noqa: F401
 from jobs import cli
 from jobs.entry import CONFIG_DIR
 from pipeline import config as configlib
-from pipeline import evaluate, metrics, synth
+from pipeline import evaluate, synth
 from pipeline.embed_store import EmbeddingStore, to_table
 from pipeline.errors import UserFacingError
 from pipeline.shapes import parse_caption
@@ -255,12 +255,3 @@ def test_eval_default_config_checks() -> None:
     assert cfg.holdout_pairs() == synth_cfg.holdout_pairs()
     with_ar = configlib.load(EvalConfig, None, ["ar_prior=checkpoints/prior-ar", "prior=null"])
     assert with_ar.selected() == ["caption", "text_embedding", "ar_prior"]
-
-
-def test_frechet_distance_of_few_rows_is_the_full_one() -> None:
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(9, 40)), rng.normal(size=(6, 40)) * 1.5 + 0.3
-    assert evaluate.frechet_distance_few(x, y) == pytest.approx(
-        metrics.frechet_distance_features(x, y), rel=1e-6
-    )
-    assert evaluate.frechet_distance_few(x, x) == pytest.approx(0.0, abs=1e-9)

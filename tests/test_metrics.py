@@ -229,3 +229,12 @@ def test_attribute_accuracy_edge_cases() -> None:
     assert math.isnan(result["color"]) and math.isnan(result["shape"])
     with pytest.raises(ValueError, match="1 images but 2 captions"):
         attribute_accuracy([np.zeros((64, 64, 3), np.uint8)], ["a", "b"])
+
+
+def test_frechet_distance_of_few_rows_is_the_full_one() -> None:
+    """Fewer rows than dimensions take the O(n·m·D) path; it equals the eigendecomposition's."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(9, 40)), rng.normal(size=(6, 40)) * 1.5 + 0.3
+    full = frechet_distance(feature_stats(x), feature_stats(y))
+    assert frechet_distance_features(x, y) == pytest.approx(full, rel=1e-6)
+    assert frechet_distance_features(x, x) == pytest.approx(0.0, abs=1e-9)
