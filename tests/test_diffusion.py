@@ -728,3 +728,31 @@ def test_dtypes_and_pickling() -> None:
         rtol=0,
         atol=0,
     )
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+def test_min_snr_weighting_is_the_same_eps_loss_for_every_objective(objective: str) -> None:
+    """Hang et al. 2023: whatever the network predicts, the weighted loss of an output whose implied
+    ε is off by δ is min(SNR, γ)/SNR · mean(δ²)."""
+    gamma = 5.0
+    diffusion = process(objective=objective, min_snr_gamma=gamma)
+    gen = torch.Generator().manual_seed(3)
+    batch = 32
+    t = torch.randint(0, T, (batch,), generator=gen)
+    t[0], t[1] = 0, T - 1
+    x0 = torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
+    noise = torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
+    delta = 0.1 * torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
+    a = torch.tensor(reference_alphas(), dtype=torch.float64)[t].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    eps_hat = noise + delta
+    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    output = {"eps": eps_hat, "x0": x0_hat, "v": a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat}
+    losses = diffusion.training_losses(lambda x, tt: output[objective], x0, t=t, noise=noise)
+    snr = (a / (1 - a)).flatten()
+    expected = snr.clamp(max=gamma) / snr * (delta**2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(losses["loss"], expected, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(  # the unweighted MSE is still reported as it was
+        losses["mse"],
+        ((output[objective] - diffusion.training_target(x0, t, noise)) ** 2).mean(dim=(1, 2, 3)),
+    )

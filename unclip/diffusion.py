@@ -60,6 +60,12 @@ class DiffusionConfig:
         False, "network also predicts the variance interpolation (hybrid loss, Nichol & Dhariwal)"
     )
     vlb_weight: float = param(0.001, "weight λ of the variational bound in the hybrid loss", ge=0)
+    min_snr_gamma: float | None = param(
+        None,
+        "Min-SNR-γ loss weighting (Hang et al. 2023): each step's MSE weighted as an ε-loss "
+        "weighted by min(SNR, γ)/SNR, so the nearly clean steps stop dominating (null: off)",
+        gt=0,
+    )
     sampler: Literal["ddpm", "ddim"] = param("ddim", "sampler used for generation")
     sampling_steps: int = param(64, "respaced steps used for generation", ge=1)
     eta: float = param(0.0, "DDIM η: 0 is deterministic, 1 matches DDPM's variance", ge=0)
@@ -506,6 +512,8 @@ class GaussianDiffusion:
             target = self.training_target(x_start.to(work), t, noise.to(work))
             mse = _mean_flat((target - mean_out) ** 2)
             terms = {"mse": mse}
+            if self.cfg.min_snr_gamma is not None:
+                mse = mse * self.min_snr_weight(t).to(work)
             if var_out is None:
                 terms["loss"] = mse
             else:
@@ -514,6 +522,22 @@ class GaussianDiffusion:
                 terms["vb"] = vb
                 terms["loss"] = mse + self.cfg.vlb_weight * self.num_timesteps * vb
         return terms
+
+    def min_snr_weight(self, t: Tensor) -> Tensor:
+        """Min-SNR-γ weights (Hang et al. 2023, eq. 8 and §3.4) for the objective's MSE at ``t``.
+
+        With SNR = ᾱ/(1−ᾱ) and x_t fixed, ‖ε̂−ε‖² = SNR·‖x̂₀−x₀‖² and ‖v̂−v‖² = ‖ε̂−ε‖²/ᾱ =
+        ‖ε̂−ε‖²·(SNR + 1)/SNR, so the ε-loss weighted by min(SNR, γ)/SNR is the ε-MSE times
+        min(SNR, γ)/SNR, the x₀-MSE times min(SNR, γ), and the v-MSE times min(SNR, γ)/(SNR + 1).
+        """
+        alpha_bar = self._table("alphas_cumprod", t.device)[t]
+        snr = alpha_bar / (1.0 - alpha_bar).clamp(min=1e-20)
+        clipped = snr.clamp(max=float(self.cfg.min_snr_gamma))
+        if self.cfg.objective == "eps":
+            return clipped / snr.clamp(min=1e-20)
+        if self.cfg.objective == "x0":
+            return clipped
+        return clipped / (snr + 1.0)
 
     def _vb_bits(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """L_t of the variational bound in bits/dim, per sample (Ho et al. eq. 5; Improved DDPM)."""
