@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "batch generation of a caption file on Ray Data"),
     "eval": ("eval", "compare conditionings (section 5.1): CLIP score, FD, FID, accuracy"),
     "config": ("show_config", "check a stage's config and print it resolved"),
+    "submit": ("submit", "run a command as a Ray job on a cluster and stream its logs"),
 }
 
 

@@ -140,8 +140,17 @@ def build_parser(stage: Stage, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_config_path(path: str | None) -> str | None:
+    """A relative config path is looked up in the working directory, then in the project: a job
+    submitted without a working directory (an image with unclip installed) runs from anywhere."""
+    if path is None or "://" in path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = PROJECT_ROOT / path
+    return str(candidate) if candidate.exists() else path
+
+
 def load_stage_config(stage: Stage, path: str | None, overrides: Sequence[str]) -> Any:
-    return configlib.load(stage.config_cls, path, overrides)
+    return configlib.load(stage.config_cls, resolve_config_path(path), overrides)
 
 
 def split_inputs(stage: Stage, positional: Sequence[str]) -> list[str]:
