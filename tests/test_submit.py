@@ -39,6 +39,8 @@ def test_dry_run_shows_the_job_without_credentials(capsys, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)  # the S3 fixture may have set them
     code = submit_cli.main(
         [
             "train-prior",
