@@ -153,6 +153,11 @@ def load_stage_config(stage: Stage, path: str | None, overrides: Sequence[str]) 
     return configlib.load(stage.config_cls, resolve_config_path(path), overrides)
 
 
+def stage_overrides(stage: Stage, args: argparse.Namespace) -> list[str]:
+    """Every override a parsed command line makes: positional ones, inputs, then flags."""
+    return [*split_inputs(stage, args.overrides), *(getattr(args, "flag_overrides", None) or [])]
+
+
 def split_inputs(stage: Stage, positional: Sequence[str]) -> list[str]:
     """The overrides among the positional arguments, with the stage's inputs as one more."""
     if stage.inputs is None:
@@ -191,11 +196,7 @@ def run_stage(stage: Stage, argv: Sequence[str] | None = None, prog: str | None 
         return 0
     setup_logging(args.verbose)
     try:
-        overrides = [
-            *split_inputs(stage, args.overrides),
-            *(getattr(args, "flag_overrides", None) or []),
-        ]
-        cfg = load_stage_config(stage, args.config, overrides)
+        cfg = load_stage_config(stage, args.config, stage_overrides(stage, args))
     except configlib.ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.entry import PROJECT_ROOT, build_parser, load_stage_config, setup_logging, split_inputs
+from jobs.entry import (
+    PROJECT_ROOT,
+    build_parser,
+    load_stage_config,
+    setup_logging,
+    stage_overrides,
+)
 from pipeline import config as configlib
 from pipeline import submit as jobs_api
 from pipeline.errors import UserFacingError
@@ -111,11 +117,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit")
     stage = importlib.import_module(module).STAGE
     stage_args = build_parser(stage, f"unclip {args.command}").parse_intermixed_args(rest)
     try:
-        overrides = [
-            *split_inputs(stage, stage_args.overrides),
-            *(getattr(stage_args, "flag_overrides", None) or []),
-        ]
-        load_stage_config(stage, stage_args.config, overrides)  # checked before the cluster
+        # checked here, before the cluster is contacted
+        load_stage_config(stage, stage_args.config, stage_overrides(stage, stage_args))
         runtime_env = {}
         if args.runtime_env is not None:
             runtime_env = configlib.read_yaml(str(args.runtime_env))

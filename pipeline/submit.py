@@ -189,30 +189,25 @@ def auth_headers(
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def connect(address: str, headers: Mapping[str, str], *, attempts: int = 1, delay: float = 1.0):
+def connect(address: str, headers: Mapping[str, str]):
     """A ``JobSubmissionClient`` for the dashboard at ``address``, with errors that say what to do."""
     from ray.job_submission import JobSubmissionClient
 
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            return JobSubmissionClient(address, headers=dict(headers) or None)
-        except Exception as exc:  # ConnectionError, requests' HTTPError, RuntimeError
-            text = str(exc)
-            if "401" in text or "403" in text or "nauthorized" in text or "orbidden" in text:
-                hint = (
-                    "the token was refused"
-                    if headers
-                    else "the cluster asks for a token: set RAY_AUTH_TOKEN or pass --token-file"
-                )
-                raise UserFacingError(f"Ray dashboard at {address}: {hint}") from None
-            last = exc
-            if attempt + 1 < attempts:
-                time.sleep(delay)
-    raise UserFacingError(
-        f"cannot reach the Ray dashboard at {address} ({type(last).__name__}: "
-        f"{_first_line(last)}); is the head up and its dashboard port (8265) reachable?"
-    ) from None
+    try:
+        return JobSubmissionClient(address, headers=dict(headers) or None)
+    except Exception as exc:  # ConnectionError, requests' HTTPError, RuntimeError
+        text = str(exc)
+        if "401" in text or "403" in text or "nauthorized" in text or "orbidden" in text:
+            hint = (
+                "the token was refused"
+                if headers
+                else "the cluster asks for a token: set RAY_AUTH_TOKEN or pass --token-file"
+            )
+            raise UserFacingError(f"Ray dashboard at {address}: {hint}") from None
+        raise UserFacingError(
+            f"cannot reach the Ray dashboard at {address} ({type(exc).__name__}: "
+            f"{_first_line(exc)}); is the head up and its dashboard port (8265) reachable?"
+        ) from None
 
 
 def _first_line(exc: BaseException | None) -> str:
