@@ -67,6 +67,7 @@ from pipeline.errors import UserFacingError
 from pipeline.shapes import sample_scene
 from pipeline.stage_config import EvalConfig
 from pipeline.storage import Storage, basename, is_local, join
+from pipeline.synth import scene_options
 from unclip import generation
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,16 @@ def draw_store_rows(store: EmbeddingStore, count: int, seed: int) -> StoreRows:
     )
 
 
-def heldout_prompts(pairs: frozenset[tuple[str, str]], count: int, seed: int) -> list[str]:
+def heldout_prompts(
+    pairs: frozenset[tuple[str, str]], count: int, seed: int, **scene_options: Any
+) -> list[str]:
     """Captions of ``count`` captioned-shapes scenes (:func:`pipeline.shapes.sample_scene`), each
-    with at least one ``(colour, shape)`` of ``pairs``: pairs the training split never shows."""
-    return [sample_scene(seed, i, require_pairs=pairs).caption for i in range(count)]
+    with at least one ``(colour, shape)`` of ``pairs``: pairs the training split never shows.
+    ``scene_options`` (:func:`pipeline.synth.scene_options`) match the training data's objects,
+    backgrounds, positions and sizes, so that only the pair is new."""
+    return [
+        sample_scene(seed, i, require_pairs=pairs, **scene_options).caption for i in range(count)
+    ]
 
 
 def read_real_images(
@@ -623,8 +630,10 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
         sets = [PromptSet(TRAIN, captions, f"captions drawn from the store, seed {cfg.seed}")]
         if len(captions) < num_first:
             notes.append(f"the store has {len(drawn)} captioned rows: {len(captions)} prompts")
+    shards_url = cfg.url(cfg.shards) if cfg.shards else store.manifest().get("source")
     if cfg.heldout_pairs:
-        prompts = heldout_prompts(cfg.holdout_pairs(), cfg.num_heldout, cfg.seed)
+        options = scene_options(storage, shards_url) if shards_url else {}
+        prompts = heldout_prompts(cfg.holdout_pairs(), cfg.num_heldout, cfg.seed, **options)
         sets.append(PromptSet(HELDOUT, prompts, "captioned-shapes scenes with a held-out pair"))
     real = StoreRows(
         drawn.shards[:num_real],
@@ -646,7 +655,6 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
     tokens = torch.cat([t for _, t in encoded])
     text_np = text_emb.cpu().numpy()
     side = cascade.resolutions[-1]
-    shards_url = cfg.url(cfg.shards) if cfg.shards else store.manifest().get("source")
     real_images = read_real_images(storage, shards_url, store, real, side) if shards_url else None
     if real_images is None:
         notes.append(

@@ -195,6 +195,10 @@ class SynthConfig(StageConfig):
         doc="'colour shape' pairs kept out of the train split, to test generalisation",
     )
     max_objects: int = param(2, "objects per image (1 or 2)", ge=1, le=2)
+    positions: list[str] | None = param(
+        None, "object positions to draw from, e.g. [center] (null: all nine)"
+    )
+    sizes: list[str] | None = param(None, "object sizes to draw from: small, large (null: both)")
     two_tone_prob: float = param(0.3, "fraction of images with a two-tone background", ge=0, le=1)
     jpeg_quality: int = param(95, "JPEG quality of the stored images", ge=1, le=100)
 
@@ -203,7 +207,7 @@ class SynthConfig(StageConfig):
 
     def validate(self) -> None:
         super().validate()
-        from pipeline.shapes import COLORS, SHAPES
+        from pipeline.shapes import COLORS, POSITIONS, SHAPES, SIZES, sample_scene
 
         for i, pair in enumerate(self.holdout):
             words = pair.split()
@@ -218,6 +222,22 @@ class SynthConfig(StageConfig):
             "holdout",
             "the heldout split needs at least one pair",
         )
+        for field, known in (("positions", POSITIONS), ("sizes", SIZES)):
+            names = getattr(self, field)
+            if names is None:
+                continue
+            require(bool(names), field, "at least one, or null for all")
+            for i, name in enumerate(names):
+                require(
+                    name in known,
+                    f"{field}[{i}]",
+                    f"expected one of {', '.join(known)}, got {name!r}",
+                )
+        if self.max_objects == 2 and self.positions is not None:
+            try:
+                sample_scene(self.seed, 0, max_objects=2, positions=self.positions)
+            except ValueError as e:
+                require(False, "positions", str(e))
 
 
 @dataclass

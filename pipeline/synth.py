@@ -34,6 +34,8 @@ _CONTENT_FIELDS = (
     "split",
     "holdout",
     "max_objects",
+    "positions",
+    "sizes",
     "two_tone_prob",
     "jpeg_quality",
 )
@@ -65,6 +67,8 @@ def write_shard(storage: Storage, folder: str, shard_id: int, cfg: SynthConfig) 
                 two_tone_prob=cfg.two_tone_prob,
                 exclude_pairs=exclude,
                 require_pairs=require,
+                positions=cfg.positions,
+                sizes=cfg.sizes,
             )
             jpeg = encode_jpeg(render(scene, cfg.image_size), cfg.jpeg_quality)
             size = cfg.image_size
@@ -89,6 +93,19 @@ def _content(cfg: SynthConfig) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in _CONTENT_FIELDS}
 
 
+def scene_options(storage: Storage, shards_url: str) -> dict[str, Any]:
+    """The :func:`pipeline.shapes.sample_scene` options a synthetic dataset at ``shards_url`` was
+    drawn with (objects per image, backgrounds, positions, sizes), read from its summary; empty when
+    the folder holds no synthetic dataset. Evaluation draws its held-out prompts with these, so they
+    speak the training captions' language."""
+    summary_url = join(shards_url, "_summary", "synth.json")
+    if not storage.exists(summary_url):
+        return {}
+    config = storage.read_json(summary_url).get("config", {})
+    names = ("max_objects", "two_tone_prob", "positions", "sizes")
+    return {name: config[name] for name in names if config.get(name) is not None}
+
+
 def generate(cfg: SynthConfig, storage: Storage | None = None) -> dict[str, Any]:
     """Write every missing shard of the dataset; returns a summary (also saved beside the shards)."""
     import ray
@@ -98,8 +115,9 @@ def generate(cfg: SynthConfig, storage: Storage | None = None) -> dict[str, Any]
     summary_url = join(folder, "_summary", "synth.json")
     if storage.exists(summary_url):
         previous = storage.read_json(summary_url).get("config", {})
-        if previous != _content(cfg):
-            changed = sorted(k for k in _CONTENT_FIELDS if previous.get(k) != getattr(cfg, k))
+        # field by field: a summary written before a field existed holds its default (None)
+        changed = sorted(k for k in _CONTENT_FIELDS if previous.get(k) != getattr(cfg, k))
+        if changed:
             raise UserFacingError(
                 f"{folder} holds a synthetic dataset made with other settings "
                 f"({', '.join(f'{k}: {previous.get(k)!r} now {getattr(cfg, k)!r}' for k in changed)});"

@@ -97,6 +97,28 @@ def test_different_indices_and_seeds_give_different_scenes() -> None:
     )
 
 
+def test_positions_and_sizes_narrow_the_vocabulary() -> None:
+    narrow = [
+        sample_scene(0, i, max_objects=1, positions=["center"], sizes=["large"]) for i in range(60)
+    ]
+    assert all(o.position == "center" and o.size == "large" for s in narrow for o in s.objects)
+    assert len({(o.color, o.shape) for s in narrow for o in s.objects}) >= 20
+    # Naming the whole vocabulary (in any order) draws exactly the default scenes.
+    every = {"positions": list(reversed(POSITIONS)), "sizes": list(SIZES)}
+    assert [sample_scene(2, i, **every) for i in range(40)] == [
+        sample_scene(2, i) for i in range(40)
+    ]
+    # Two objects use only the layouts inside the allowed positions.
+    sides = [sample_scene(4, i, positions=["left", "right"]) for i in range(40)]
+    assert {o.position for s in sides for o in s.objects} == {"left", "right"}
+    with pytest.raises(ValueError, match="pair layout"):
+        sample_scene(0, 0, max_objects=2, positions=["center"])
+    with pytest.raises(ValueError, match="unknown position 'middle'"):
+        sample_scene(0, 0, positions=["middle"])
+    with pytest.raises(ValueError, match="at least one size"):
+        sample_scene(0, 0, sizes=[])
+
+
 def test_scene_json_round_trip() -> None:
     for i in range(100):
         scene = sample_scene(5, i)

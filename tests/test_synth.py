@@ -135,3 +135,21 @@ def test_checker_reads_the_stored_images(tmp_path, ray_local) -> None:
 def test_synth_command_refuses_a_bad_holdout(capsys) -> None:
     assert synth_job.main(["holdout=[pink star]"]) == 2
     assert "holdout[0]: expected 'colour shape'" in capsys.readouterr().err
+    assert synth_job.main(["positions=[center, middle]"]) == 2
+    assert "positions[1]: expected one of top left" in capsys.readouterr().err
+    assert synth_job.main(["positions=[center]", "max_objects=2"]) == 2
+    assert "positions: two objects need a pair layout" in capsys.readouterr().err
+
+
+def test_a_narrowed_dataset_records_its_vocabulary(tmp_path, ray_local) -> None:
+    narrow = {"max_objects": 1, "positions": ["center"], "sizes": ["large"], "two_tone_prob": 0.0}
+    cfg = _cfg(str(tmp_path), num_samples=16, **narrow)
+    synth.generate(cfg)
+    for s in iter_tar_samples(Storage(), shard_urls(cfg.url("shards"), 0)["tar"]):
+        (obj,) = Scene.from_json(json.loads(s["json"])["scene"]).objects
+        assert (obj.position, obj.size) == ("center", "large")
+    # Evaluation's held-out prompts are drawn with the same options.
+    assert synth.scene_options(Storage(), cfg.url("shards")) == narrow
+    assert synth.scene_options(Storage(), str(tmp_path / "elsewhere")) == {}
+    with pytest.raises(UserFacingError, match=r"positions: \['center'\] now None"):
+        synth.generate(_cfg(str(tmp_path), num_samples=16, **{**narrow, "positions": None}))
