@@ -129,6 +129,11 @@ class UpsamplerNetConfig:
         "so it looks like the corrupted inputs seen in training (0: none)",
         ge=0,
     )
+    residual: bool = param(
+        False,
+        "diffuse the residual (high-res − upscaled conditioning image) / 2 instead of the image, "
+        "and add it back when sampling (not in the paper; a small upsampler learns it far faster)",
+    )
     grad_checkpointing: bool = param(
         False, "recompute each UNet block in the backward pass to save memory"
     )
