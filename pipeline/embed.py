@@ -35,6 +35,7 @@ from pipeline.errors import UserFacingError
 from pipeline.shards import completed_shards, iter_tar_samples, shard_urls
 from pipeline.stage_config import ClipSource, EmbedConfig
 from pipeline.storage import Storage, join
+from pipeline.watchdog import iter_until_stalled
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,17 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
             num_cpus=cfg.cpus_per_actor,
         )
         gatherer = ShardGatherer(store, source_url)
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+
+        def stalled(seconds: float) -> str:
+            return (
+                f"embedding stalled: no encoded rows for {seconds:.0f} s (config key: "
+                f"stall_timeout_s). {len(store.completed())} of {len(tars)} shards are complete "
+                f"and kept in {store.url}; rerun the job to encode the rest. A lost worker node "
+                "can leave Ray Data's actor pool waiting (ray-project/ray#62746)."
+            )
+
+        batches = encoded.iter_batches(batch_size=None, batch_format="numpy")
+        for batch in iter_until_stalled(batches, cfg.stall_timeout_s, stalled):
             for written, skipped in gatherer.add(batch):
                 rows_written += written
                 skipped_now += skipped

@@ -291,6 +291,12 @@ class EmbedConfig(StageConfig):
         None, "torch threads per encoder actor (null: Ray's default, one per reserved CPU)", ge=1
     )
     precision: Precision = param("auto", "auto: fp16 on GPU, fp32 on CPU")
+    stall_timeout_s: float | None = param(
+        1800.0,
+        "fail when no encoded rows arrive for this long, e.g. after a node loss stalls the actor "
+        "pool; complete shards are kept and a rerun resumes (null: wait forever)",
+        gt=0,
+    )
     import_clip_retrieval: str | None = param(
         None,
         "instead of encoding, import a clip-retrieval output folder (img_emb/, text_emb/, metadata/)",
