@@ -296,8 +296,9 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
             return (
                 f"embedding stalled: no encoded rows for {seconds:.0f} s (config key: "
                 f"stall_timeout_s). {len(store.completed())} of {len(tars)} shards are complete "
-                f"and kept in {store.url}; rerun the job to encode the rest. A lost worker node "
-                "can leave Ray Data's actor pool waiting (ray-project/ray#62746)."
+                f"and kept in {store.url}; rerun the job to encode the rest. After a lost node, "
+                "the encoder actors (concurrency × cpus_per_actor) can hold every CPU left, so "
+                "no shard is read."
             )
 
         batches = encoded.iter_batches(batch_size=None, batch_format="numpy")

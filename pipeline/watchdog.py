@@ -1,12 +1,14 @@
 """A stall watchdog for the Ray Data pipelines a driver consumes (embedding, batch generation).
 
-A job that hangs is worse than a job that fails. After a worker node is lost, Ray Data's actor
-pools can wait forever: the dead actor keeps its slot in a fixed-size pool and no task is given to
-the restarted one (ray-project/ray#62746, seen here with Ray 2.60 when a node was removed during
-an embedding run). The jobs that use this are resumable: everything they finished is kept in
-storage and a rerun does only the rest. So when no output has arrived for ``timeout_s``, the
-driver stops waiting and fails with an error that says what was kept and that a rerun resumes
-(or the job's retry policy reruns it: ``backoffLimit`` in the KubeRay RayJobs).
+A job that hangs is worse than a job that fails. When a worker node is lost and nothing replaces
+it (no autoscaler, or no capacity), the restarted encoder actors can take every CPU the remaining
+nodes have, leaving none for the read tasks that feed them: nothing moves, and Ray Data waits for
+ever. This project's fault drill saw exactly that while its replacement node failed to start;
+ray-project/ray#62746 reports a pool that stops for another reason. The jobs that use this are
+resumable: everything they finished is kept in storage and a rerun does only the rest. So when
+no output has arrived for ``timeout_s``, the driver stops waiting and fails with an error that says
+what was kept and that a rerun resumes (or the job's retry policy reruns it: ``backoffLimit`` in
+the KubeRay RayJobs).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def iter_until_stalled(
     ``None`` or 0 waits forever (plain iteration, no thread). The wait counts from the first
     request, so it includes actor start-up and model loading: size it above that. Errors of the
     source are raised here unchanged. On a stall the helper thread stays blocked inside Ray
-    Data; it is a daemon, and the job's process ends soon after the error.
+    Data, and the abandoned execution keeps its actors until the process ends: the job
+    entrypoints end it with the error; a caller that retries in-process needs ``ray.shutdown()``
+    first.
     """
     if not timeout_s:
         yield from items
