@@ -183,17 +183,24 @@ def test_posterior_matches_ho_eq7(schedule: str) -> None:
     assert torch.isfinite(log_variance).all()
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
-def test_true_target_recovers_x0_and_eps(objective: str) -> None:
-    diffusion = process(objective=objective)
-    gen = torch.Generator().manual_seed(2)
-    batch = 64
+def float64_draws(seed: int, batch: int):
+    """(generator, t with both ends included, x₀, ε, ᾱ_t as (B, 1, 1, 1)) in float64; the
+    generator goes on from there for further draws."""
+    gen = torch.Generator().manual_seed(seed)
     t = torch.randint(0, T, (batch,), generator=gen)
     t[0], t[1] = 0, T - 1
     x0 = torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
     noise = torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
-    x_t = diffusion.q_sample(x0, t, noise)
     a = torch.tensor(reference_alphas(), dtype=torch.float64)[t].reshape(-1, 1, 1, 1)
+    return gen, t, x0, noise, a
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+def test_true_target_recovers_x0_and_eps(objective: str) -> None:
+    diffusion = process(objective=objective)
+    batch = 64
+    _, t, x0, noise, a = float64_draws(seed=2, batch=batch)
+    x_t = diffusion.q_sample(x0, t, noise)
     target = {"eps": noise, "x0": x0, "v": a.sqrt() * noise - (1 - a).sqrt() * x0}[objective]
     torch.testing.assert_close(diffusion.training_target(x0, t, noise), target)
     out = diffusion.p_mean_variance(lambda x, tt: target, x_t, t)
@@ -736,14 +743,9 @@ def test_min_snr_weighting_is_the_same_eps_loss_for_every_objective(objective: s
     ε is off by δ is min(SNR, γ)/SNR · mean(δ²)."""
     gamma = 5.0
     diffusion = process(objective=objective, min_snr_gamma=gamma)
-    gen = torch.Generator().manual_seed(3)
     batch = 32
-    t = torch.randint(0, T, (batch,), generator=gen)
-    t[0], t[1] = 0, T - 1
-    x0 = torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
-    noise = torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
+    gen, t, x0, noise, a = float64_draws(seed=3, batch=batch)
     delta = 0.1 * torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64)
-    a = torch.tensor(reference_alphas(), dtype=torch.float64)[t].reshape(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     eps_hat = noise + delta
     x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
