@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint format clean
+.PHONY: install quickstart test test-fresh lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# `make test` as a machine where nothing ran before: a fresh clone of HEAD, a throwaway HOME, an
+# empty private /tmp, its own venv (see .ci/fresh). Run it before a submission.
+test-fresh:
+	.ci/fresh test
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -121,7 +121,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     source = ClipSource(model=args.model, model_config=TINY if args.model == "tiny-clip" else None)
     storage = Storage()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     print(f"device {device}, precision {precision}, model {args.model}, batch {args.batch_size}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:

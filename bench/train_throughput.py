@@ -405,6 +405,7 @@ def main() -> None:
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(),
         include_dashboard=False,
         log_to_driver=args.verbose,

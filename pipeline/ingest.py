@@ -63,8 +63,9 @@ def detect_format(storage: Storage, url: str) -> str:
 def _distributor(cfg: IngestConfig) -> str:
     if cfg.distributor != "auto":
         return cfg.distributor
-    on_cluster = cfg.ray.address not in (None, "local") or bool(os.environ.get("RAY_ADDRESS"))
-    return "ray" if on_cluster else "multiprocessing"
+    from pipeline import cluster
+
+    return "ray" if cluster.joins_cluster(cfg.ray) else "multiprocessing"
 
 
 def _download(cfg: IngestConfig, storage: Storage, url_list: str, fmt: str, mode: str) -> None:

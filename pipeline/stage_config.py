@@ -34,8 +34,9 @@ class RayOptions:
 
     address: str | None = param(
         None,
-        "Ray address: null uses RAY_ADDRESS or the cluster a job was submitted to, else starts a "
-        "local Ray; 'local' always starts one; 'auto' or ray://host:10001 joins a cluster",
+        "Ray address: null joins RAY_ADDRESS when set (a submitted job has it), else starts a "
+        "private local Ray; 'local' always starts one, even with RAY_ADDRESS set; 'auto' (the Ray "
+        "that `ray start` runs on this machine), host:port or ray://host:10001 joins a cluster",
     )
     num_cpus: int | None = param(None, "CPUs of a local Ray (null: all of this machine's)", ge=1)
 

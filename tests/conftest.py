@@ -6,11 +6,21 @@
 * ``ray_local`` (session): a local Ray with 2 CPUs and its own temp dir, started after the S3
   endpoint so its workers inherit the endpoint's environment.
 * ``storage_root``: parametrised over ``local`` and ``s3``; a test that takes it runs on both.
+* ``ray_head`` (per module): ``ray start --head`` with token auth, as a user's cluster would be.
+
+The suite depends on nothing a Ray run leaves on the machine: it removes ``RAY_ADDRESS`` from its
+environment and points ``RAY_TMPDIR`` at a private directory (removed at exit) before anything
+starts Ray, so no test reads or writes ``/tmp/ray`` (its ``ray_current_cluster`` names whatever
+Ray last ran there) and every Ray a test starts, in this process or a child, is its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,10 +29,25 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from pipeline.storage import Storage, StorageOptions, patched_environ
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test: no ``RAY_ADDRESS``, and a private ``RAY_TMPDIR`` (see the module's doc)."""
+    os.environ.pop("RAY_ADDRESS", None)
+    # short: Ray's socket paths are limited
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ut-", dir="/tmp")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    temp_dir = os.environ.pop("RAY_TMPDIR", None)
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
 
 # Dummy credentials for moto; tests assert that these never appear in messages or logs.
 FAKE_KEY_ID = "AKIAUNCLIPTESTKEYID0"
@@ -30,9 +55,19 @@ FAKE_SECRET = "unclip-test-secret-Zq8vP2mX"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket stays bound until all are chosen, so the kernel
+    cannot hand the same port out twice (it did, to two of a Ray head's components)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +122,13 @@ def ray_local(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
     try:
         yield
     finally:
@@ -112,3 +153,83 @@ def storage_root(request: pytest.FixtureRequest, tmp_path) -> Root:
     bucket = request.getfixturevalue("s3_bucket")
     endpoint = request.getfixturevalue("s3_endpoint")
     return Root("s3", f"{bucket}/root", Storage(StorageOptions(endpoint_url=endpoint)))
+
+
+@dataclass
+class RayHead:
+    """A running ``ray start --head``: its dashboard (the job API), its GCS address (what
+    ``RAY_ADDRESS`` names for a driver) and the token its clients must send."""
+
+    dashboard: str
+    gcs: str
+    token: str
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_endpoint: str) -> Iterator[RayHead]:
+    """``ray start --head --block`` on 127.0.0.1 with token auth, in its own process group (``ray
+    stop`` would kill every Ray on the machine, the test session's own included)."""
+    from pipeline import submit as jobs_api
+    from pipeline.errors import UserFacingError
+
+    token = secrets.token_hex(16)
+    temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # Ray's socket paths must stay short
+    gcs, dashboard, agent, agent_grpc, runtime_env, client, metrics = free_ports(7)
+    # `python` in a job's entrypoint is the head's: this environment's, as in a cluster's image
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    ports = {
+        "--port": gcs,
+        "--dashboard-port": dashboard,
+        "--dashboard-agent-listen-port": agent,
+        "--dashboard-agent-grpc-port": agent_grpc,
+        "--runtime-env-agent-port": runtime_env,
+        "--ray-client-server-port": client,
+        "--metrics-export-port": metrics,
+    }
+    log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+            *(f"{flag}={port}" for flag, port in ports.items()),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        deadline = time.time() + 120
+        while True:
+            try:
+                jobs_api.connect(address, headers)
+                break
+            except UserFacingError:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.flush()
+                    raise RuntimeError(
+                        "ray head did not start: " + Path(log.name).read_text()[-3000:]
+                    ) from None
+                time.sleep(1)
+        yield RayHead(address, f"127.0.0.1:{gcs}", token)
+    finally:
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

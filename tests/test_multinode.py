@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +70,7 @@ DRIVER = textwrap.dedent(
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, subprocess, sys, tempfile, time
+    import json, os, subprocess, sys, time
     sys.path.insert(0, os.path.join(PROJECT, "tests"))
     import pyarrow.parquet as pq
     import ray
@@ -86,10 +88,11 @@ SCRIPT = textwrap.dedent(
     root, driver = sys.argv[1], sys.argv[2]
     result = {}
     NODE = {"num_cpus": 2, "resources": {"trainer_slot": 1}, "object_store_memory": 300 * 2**20}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "temp_dir": tempfile.mkdtemp(prefix="ray-", dir="/tmp")},
-    )
+    # Cluster.add_node writes the head's address to $RAY_TMPDIR/ray/ray_current_cluster (the
+    # test gives this process a RAY_TMPDIR of its own) and fails if that folder is missing
+    ray_tmp = os.path.join(os.environ["RAY_TMPDIR"], "ray")
+    os.makedirs(ray_tmp, exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": ray_tmp})
     workers = [cluster.add_node(**NODE) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     storage = Storage()
@@ -181,9 +184,11 @@ SCRIPT = textwrap.dedent(
 
 
 def test_node_loss_during_embedding_and_training(tmp_path) -> None:
+    ray_tmp = tempfile.mkdtemp(prefix="mn-", dir="/tmp")  # short: Ray's socket paths are limited
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, str(tmp_path), DRIVER],
         cwd=PROJECT,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -194,6 +199,7 @@ def test_node_loss_during_embedding_and_training(tmp_path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):  # the cluster shares its process group
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-5000:]
     result = json.loads(lines[-1][len("RESULT ") :])

@@ -4,14 +4,6 @@ authentication on), reading and writing the moto S3 endpoint."""
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -116,75 +108,8 @@ def test_unreachable_head_is_one_clear_error(capsys) -> None:
 # A real head
 
 
-@pytest.fixture(scope="module")
-def ray_head(s3_endpoint):
-    """``ray start --head --block`` on 127.0.0.1 with token auth, in its own process group (``ray
-    stop`` would kill every Ray on the machine, the test session's own included)."""
-    token = secrets.token_hex(16)
-    temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # Ray's socket paths must stay short
-    dashboard = free_port()
-    # `python` in a job's entrypoint is the head's: this environment's, as in a cluster's image
-    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard,
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--ray-client-server-port": free_port(),
-        "--metrics-export-port": free_port(),
-    }
-    log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-            *(f"{flag}={port}" for flag, port in ports.items()),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        headers = {"Authorization": f"Bearer {token}"}
-        deadline = time.time() + 120
-        while True:
-            try:
-                jobs_api.connect(address, headers)
-                break
-            except UserFacingError:
-                if proc.poll() is not None or time.time() > deadline:
-                    log.flush()
-                    raise RuntimeError(
-                        "ray head did not start: " + Path(log.name).read_text()[-3000:]
-                    ) from None
-                time.sleep(1)
-        yield address, token
-    finally:
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def test_a_wrong_token_is_refused(ray_head, tmp_path, capsys) -> None:
-    address, _ = ray_head
+    address = ray_head.dashboard
     wrong = tmp_path / "token"
     wrong.write_text("not-the-token")
     code = submit_cli.main(
@@ -202,7 +127,7 @@ def test_embed_then_prior_run_as_ray_jobs_on_s3(ray_head, s3_bucket, tmp_path, m
     from pipeline.stage_config import SynthConfig
     from pipeline.storage import Storage, join
 
-    address, token = ray_head
+    address, token = ray_head.dashboard, ray_head.token
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     storage = Storage()
     root = f"{s3_bucket}/unclip"
