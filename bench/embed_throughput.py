@@ -3,7 +3,7 @@
 Runs, on this machine, for N and 10·N synthetic samples:
   1. the bare encoder: the same model's encode_image + encode_text over the same decoded,
      preprocessed batches held in memory (the ceiling for the pipeline), single process;
-  2. the embedding job (``pipeline.embed.run_embedding``) on a local Ray over the same shards,
+  2. the embedding job (``pipeline.embed.job.run_embedding``) on a local Ray over the same shards,
      while a sampler records the peak resident memory of the driver and all its Ray processes.
 Prints samples/s of both, their ratio, and the job's peak memory at N and 10·N.
 
@@ -17,54 +17,27 @@ Targets (issue 4): pipeline ≥ 0.9 × bare forward; peak memory at 10·N ≤ 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-import psutil
 import torch
 from PIL import Image
+
+from bench.measure import PeakMemory, sync
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "clip", "tiny-clip.json")
 
 
-class PeakMemory:
-    """Samples the summed RSS of this process and all its descendants (Ray's processes)."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a process that just exited
-                    total += proc.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def bare_forward(clip, root: str, storage, batch_size: int, device: str, dtype) -> float:
     """samples/s of encode_image + encode_text over pre-decoded batches of the same shards."""
-    from pipeline.clip_model import prepare_image
-    from pipeline.shards import completed_shards, iter_tar_samples, shard_urls
+    from pipeline.data.shards import completed_shards, iter_tar_samples, shard_urls
+    from pipeline.embed.clip_model import prepare_image
 
     pixels, captions = [], []
     for shard in completed_shards(storage, f"{root}/shards"):
@@ -87,8 +60,7 @@ def bare_forward(clip, root: str, storage, batch_size: int, device: str, dtype) 
         for x, tokens in batches:
             model.encode_image(x)
             model.encode_text(tokens)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
     return len(pixels) / (time.perf_counter() - start)
 
 
@@ -108,8 +80,9 @@ def main() -> None:
 
     import ray
 
-    from pipeline import clip_model, synth
-    from pipeline.embed import run_embedding
+    from pipeline.data import synth
+    from pipeline.embed import clip_model
+    from pipeline.embed.job import run_embedding
     from pipeline.stage_config import ClipSource, EmbedConfig, SynthConfig
     from pipeline.storage import Storage
 

@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.measure import flops_per_sample, mfu, sync, tflops
 from pipeline import config as configlib
 from pipeline.stage_config import DecoderConfig, PriorConfig, UpsamplerConfig
 
@@ -103,20 +104,14 @@ def loss_of(model, batch, device, bf16: bool, seed: int) -> float:
         return float(model.loss(batch, generator=generator))
 
 
-def flops_per_sample(model, batch, device, n: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+def loss_flops_per_sample(model, batch, device, n: int) -> float:
     generator = torch.Generator(device=device).manual_seed(0)
-    counter = FlopCounterMode(display=False)
-    with counter, autocast(device, device.type == "cuda"):
-        model.loss(batch, generator=generator).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / n
 
+    def forward_backward() -> None:
+        with autocast(device, device.type == "cuda"):
+            model.loss(batch, generator=generator).backward()
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return flops_per_sample(model, forward_backward, n)
 
 
 def train_steps(model, batch, device, steps: int, warmup: int, n: int) -> dict[str, float]:
@@ -212,13 +207,13 @@ def main() -> int:
         params = sum(p.numel() for p in model.parameters())
         n = batches[stage]
         batch = batch_of(stage, cfg, n, device, seed=0)
-        flops = flops_per_sample(model, batch, device, n)
+        flops = loss_flops_per_sample(model, batch, device, n)
         timing = train_steps(model, batch, device, args.steps, args.warmup, n)
         # after the steps: the UNets' zero-initialised output layers make the loss at
         # initialisation independent of the precision
         fp32 = loss_of(model, batch, device, bf16=False, seed=5)
         bf16 = loss_of(model, batch, device, bf16=True, seed=5)
-        tflops = timing["samples_per_s"] * flops / 1e12
+        achieved = tflops(timing["samples_per_s"], flops)
         entry = {
             "config": path,
             "params_m": round(params / 1e6, 1),
@@ -228,8 +223,10 @@ def main() -> int:
             "bf16_rel_diff": abs(bf16 - fp32) / max(abs(fp32), 1e-12),
             "gflop_per_sample": flops / 1e9,
             **timing,
-            "tflops": tflops,
-            "mfu": tflops / args.peak_tflops if device.type == "cuda" else None,
+            "tflops": achieved,
+            "mfu": mfu(timing["samples_per_s"], flops, args.peak_tflops)
+            if device.type == "cuda"
+            else None,
         }
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -239,7 +236,7 @@ def main() -> int:
             f"{stage}: {entry['params_m']} M params, micro-batch {n}: "
             f"{timing['samples_per_s']:.1f} samples/s ({1000 * timing['step_s']:.0f} ms/step), "
             f"peak {timing['peak_gib']:.1f} GiB, {entry['gflop_per_sample']:.1f} GFLOP/sample, "
-            f"{tflops:.0f} TFLOP/s"
+            f"{achieved:.0f} TFLOP/s"
             + (f" (MFU {100 * entry['mfu']:.0f}%)" if entry["mfu"] is not None else "")
             + f"; loss fp32 {fp32:.5f} vs bf16 {bf16:.5f} ({100 * entry['bf16_rel_diff']:.2f}%); "
             f"sampling {entry['sampled_per_s']:.2f}/s at {entry['sample_steps']} steps "

@@ -6,11 +6,11 @@ For each stage (prior, decoder, upsampler, clip) and size (``tiny``: ``configs/<
   1. the bare loop: the model from ``STAGES[stage].build``, the same global batch, its batches
      read once from the stage's own Ray Dataset, collated and held in memory (cycled), then
      ``LossOf`` + backward + gradient clipping + AdamW with its schedule + EMA (the worker loop's
-     math, imported from ``pipeline.train_loop``), single process, with the torch thread count a
+     math, imported from ``pipeline.train.loop``), single process, with the torch thread count a
      Ray Train worker gets (probed in a worker, see below). No per-step host syncs, no logging.
      Timed: ``--steps`` steps after a warm-up of ``--warmup`` steps. Run before and after the
      driver (the mean is reported, both are printed: the machine may be shared).
-  2. the driver: ``pipeline.trainer.run_training`` (Ray Train ``TorchTrainer``, Ray Data ingest
+  2. the driver: ``pipeline.train.driver.run_training`` (Ray Train ``TorchTrainer``, Ray Data ingest
      from the Ray Dataset it caches, collate per step) with one worker, warm-up + ``--steps``
      steps, metrics every ``log_every`` steps (the config's, or ``--log-every``; the warm-up is
      ``log_every`` steps unless ``--warmup`` names a multiple of it) and one checkpoint, at the end.
@@ -42,21 +42,20 @@ Target (issue): driver ≥ 0.9 × the bare loop on one worker.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import struct
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psutil
 import torch
+
+from bench.measure import PeakMemory, flops_per_sample, mfu, sync
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -82,38 +81,6 @@ SMALL_CLIP = {
 }
 
 
-class PeakMemory:
-    """Samples the summed RSS of this process (and, with ``tree``, all its descendants: Ray's
-    processes); also the peak of the Ray Train worker process alone."""
-
-    def __init__(self, tree: bool = True, interval: float = 0.2) -> None:
-        self.tree, self.interval = tree, interval
-        self.peak, self.worker_peak, self._stop = 0, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            procs = [me, *me.children(recursive=True)] if self.tree else [me]
-            for proc in procs:
-                with contextlib.suppress(psutil.Error):  # a process that just exited
-                    rss = proc.memory_info().rss
-                    total += rss
-                    if self.tree and "RayTrainWorker" in " ".join(proc.cmdline()):
-                        self.worker_peak = max(self.worker_peak, rss)
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -124,8 +91,8 @@ def make_data(tmp: str, n: int, image_size: int) -> tuple[str, str]:
     import open_clip
     from safetensors.torch import save_file
 
-    from pipeline import synth
-    from pipeline.embed import run_embedding
+    from pipeline.data import synth
+    from pipeline.embed.job import run_embedding
     from pipeline.stage_config import ClipSource, EmbedConfig, SynthConfig
     from pipeline.storage import Storage
 
@@ -151,7 +118,7 @@ def stage_config(
 ) -> tuple[Any, int]:
     """The stage's config for this bench, and its warm-up steps (a multiple of log_every)."""
     from pipeline import config as configlib
-    from pipeline.stages import STAGES
+    from pipeline.train.stages import STAGES
 
     spec = STAGES[STAGE_NAMES[stage]]
     path = os.path.join(CONFIGS, stage, "tiny.yaml")
@@ -187,8 +154,8 @@ def stage_config(
 
 def in_memory_batches(stage: str, cfg: Any, device: str, most: int = 8) -> tuple[list, dict]:
     """Up to ``most`` collated batches of ``cfg.train.batch_size`` rows of the stage's own data."""
-    from pipeline.stages import STAGES
     from pipeline.storage import Storage
+    from pipeline.train.stages import STAGES
 
     spec = STAGES[STAGE_NAMES[stage]]
     dataset, info = spec.prepare(cfg, Storage(cfg.storage))
@@ -207,38 +174,30 @@ def in_memory_batches(stage: str, cfg: Any, device: str, most: int = 8) -> tuple
 # The bare loop
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def flops_per_sample(model: torch.nn.Module, batch: dict, cfg: Any, device: str) -> float:
+def loss_flops_per_sample(model: torch.nn.Module, batch: dict, cfg: Any, device: str) -> float:
     """Model FLOPs of one forward + backward of the training loss, per sample."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from pipeline.train.loop import LossOf, autocast
 
-    from pipeline.train_loop import LossOf, _autocast
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        with _autocast(cfg, torch.device(device)):
+    def forward_backward() -> None:
+        with autocast(cfg, torch.device(device)):
             loss = LossOf(model)(batch, torch.Generator().manual_seed(0))
         loss.float().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(next(iter(batch.values())))
+
+    return flops_per_sample(model, forward_backward, len(next(iter(batch.values()))))
 
 
 def bare_loop(
     stage: str, cfg: Any, info: dict, batches: list, warmup: int, args: argparse.Namespace
 ) -> dict[str, float]:
     """samples/s of the worker loop's math alone over in-memory batches, one process."""
-    from pipeline.stages import STAGES
-    from pipeline.train_loop import LossOf, _autocast, lr_factor, make_optimizer, step_seed
+    from pipeline.train.loop import LossOf, autocast, lr_factor, make_optimizer, step_seed
+    from pipeline.train.stages import STAGES
     from unclip.ema import EMA
 
     spec, device = STAGES[STAGE_NAMES[stage]], torch.device(args.device)
     torch.manual_seed(cfg.train.seed)
     model = spec.build(cfg, info).to(device)
-    flops = flops_per_sample(model, batches[0], cfg, args.device)
+    flops = loss_flops_per_sample(model, batches[0], cfg, args.device)
     ema = EMA(
         model, cfg.ema.decay, update_every=cfg.ema.update_every, start_step=cfg.ema.start_step
     )
@@ -251,20 +210,20 @@ def bare_loop(
     started = 0.0
     for step in range(warmup + args.steps):
         if step == warmup:
-            _sync(args.device)
+            sync(args.device)
             started = time.perf_counter()
         batch = batches[step % len(batches)]
         optimizer.zero_grad(set_to_none=True)
         seed = step_seed(cfg.train.seed, step, 0, 0)
         torch.manual_seed(seed)
-        with _autocast(cfg, device):
+        with autocast(cfg, device):
             loss = wrapped(batch, torch.Generator().manual_seed(seed))
         loss.float().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         schedule.step()
         ema.update(model, step + 1)
-    _sync(args.device)
+    sync(args.device)
     elapsed = time.perf_counter() - started
     return {
         "samples_per_s": args.steps * cfg.train.batch_size / elapsed,
@@ -302,10 +261,10 @@ def read_scalars(folder: str) -> dict[str, list[tuple[int, float, float]]]:
 
 def driver_run(stage: str, cfg: Any, warmup: int, args: argparse.Namespace) -> dict[str, float]:
     from pipeline.storage import Storage, join
-    from pipeline.trainer import run_training
+    from pipeline.train.driver import run_training
 
     storage = Storage(cfg.storage)
-    with PeakMemory(tree=True) as memory:
+    with PeakMemory(tree=True, worker="RayTrainWorker") as memory:
         started = time.perf_counter()
         summary = run_training(STAGE_NAMES[stage], cfg, storage)
         total = time.perf_counter() - started
@@ -463,8 +422,8 @@ def main() -> None:
                 }
                 if args.peak_tflops:
                     for key in ("bare", "driver"):
-                        row[f"mfu_{key}"] = (
-                            row[key] * before["flops_per_sample"] / (args.peak_tflops * 1e12)
+                        row[f"mfu_{key}"] = mfu(
+                            row[key], before["flops_per_sample"], args.peak_tflops
                         )
                 rows.append(row)
                 print(

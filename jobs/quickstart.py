@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jobs.entry import CONFIG_DIR, Stage, run_stage
-from pipeline import cluster
+from jobs.commands import stages
+from jobs.entry import CONFIG_DIR, main_of
 from pipeline import config as configlib
-from pipeline.stage_config import STAGE_CONFIGS, StageConfig
+from pipeline.cluster.connect import connect
+from pipeline.stage_config import StageConfig
 from pipeline.storage import Storage, join
 from unclip.fields import param
 
@@ -33,7 +33,8 @@ class QuickstartConfig(StageConfig):
 def stage_configs(cfg: QuickstartConfig) -> dict[str, StageConfig]:
     """Every stage's config at ``cfg.size``, moved under the quickstart's root and storage."""
     out = {}
-    for name, (config_cls, folder) in STAGE_CONFIGS.items():
+    for name, command in stages().items():
+        folder = command.folder
         data = configlib.read_yaml(str(CONFIG_DIR / folder / f"{cfg.size}.yaml"))
         data["root"] = cfg.root
         data["storage"] = configlib.to_dict(cfg.storage)
@@ -41,7 +42,7 @@ def stage_configs(cfg: QuickstartConfig) -> dict[str, StageConfig]:
         if cfg.smoke:
             _smoke(data)
         out[name] = configlib.from_dict(
-            config_cls, data, source=f"configs/{folder}/{cfg.size}.yaml"
+            command.config_cls, data, source=f"configs/{folder}/{cfg.size}.yaml"
         )
     return out
 
@@ -65,14 +66,18 @@ def _smoke(data: dict) -> None:
                 data[key] = value
 
 
-def run(cfg: QuickstartConfig) -> int:
-    from pipeline import embed, evaluate, sampling, synth, trainer
+def run(name: str, cfg: QuickstartConfig) -> int:
+    from pipeline.data import synth
+    from pipeline.embed.job import run_embedding
+    from pipeline.eval.run import run_eval
+    from pipeline.generate import sampling
+    from pipeline.train.driver import run_training
 
     started = time.time()
     storage = Storage(cfg.storage)
     configs = stage_configs(cfg)  # every stage's config is checked before anything runs
     storage.check(cfg.root, write=True)
-    resources = cluster.connect(cfg.ray)
+    resources = connect(cfg.ray)
     saved = join(cfg.root, "configs")
     for name, stage_cfg in configs.items():
         storage.write_text(join(saved, f"{name}.yaml"), configlib.dumps(stage_cfg))
@@ -94,9 +99,9 @@ def run(cfg: QuickstartConfig) -> int:
         f"{data['samples']} captioned images in {data['shards']} shards at {data['output']}",
     )
     for name, title in (("train-clip", "CLIP"),):
-        result = trainer.run_training(name, configs[name], storage)
+        result = run_training(name, configs[name], storage)
         stage(title, f"step {result['step']}, loss {result['loss']:.4f}: {result['checkpoint']}")
-    store = embed.run_embedding(configs["embed"], storage)
+    store = run_embedding(configs["embed"], storage)
     stage(
         "embeddings",
         f"{store['rows']} rows ({store['skipped']} skipped) by {store['clip']} at {store['store']}",
@@ -106,7 +111,7 @@ def run(cfg: QuickstartConfig) -> int:
         ("train-decoder", "decoder"),
         ("train-upsampler", "upsampler"),
     ):
-        result = trainer.run_training(name, configs[name], storage)
+        result = run_training(name, configs[name], storage)
         detail = "samples.png and loss.png inside" if name != "train-prior" else "loss.png inside"
         stage(
             title,
@@ -114,7 +119,7 @@ def run(cfg: QuickstartConfig) -> int:
         )
     samples = sampling.run_sample(configs["sample"], storage)
     stage("samples", f"{samples['images']} images, grid at {samples['grid']}")
-    evaluation = evaluate.run_eval(configs["eval"], storage)
+    evaluation = run_eval(configs["eval"], storage)
     headline = evaluation["metrics"].get("prior", {})
     stage(
         "evaluation",
@@ -131,18 +136,7 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-STAGE = Stage(
-    "quickstart",
-    "the whole pipeline on the built-in tiny config, on this machine",
-    QuickstartConfig,
-    None,
-    run,
-)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.quickstart") -> int:
-    return run_stage(STAGE, argv, prog=prog)
-
+main = main_of("quickstart")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,19 +3,19 @@ as a Ray job on a cluster, with its logs streamed here and its final status as t
 
 Everything after the command that ``submit`` does not know is the command's own arguments
 (``--config FILE``, ``key=value`` overrides, inputs, flags); they are checked here with the
-command's own parser and config before anything is sent. See :mod:`pipeline.submit`.
+command's own parser and config before anything is sent. See :mod:`pipeline.cluster.submit`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jobs.commands import COMMANDS
 from jobs.entry import (
     PROJECT_ROOT,
     build_parser,
@@ -24,15 +24,11 @@ from jobs.entry import (
     stage_overrides,
 )
 from pipeline import config as configlib
-from pipeline import submit as jobs_api
+from pipeline.cluster import submit as jobs_api
 from pipeline.errors import UserFacingError
-
-NOT_SUBMITTABLE = {"submit", "config"}
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    from jobs.cli import COMMANDS
-
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run a command as a Ray job on a cluster: its config is checked here first, "
@@ -41,7 +37,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "inputs). Example: unclip submit train-prior --address http://head:8265 "
         "--config configs/prior/paper.yaml root=s3://bucket/unclip",
     )
-    commands = [c for c in COMMANDS if c not in NOT_SUBMITTABLE]
+    commands = [name for name, c in COMMANDS.items() if c.submittable]
     parser.add_argument("command", choices=commands, metavar="COMMAND", help=", ".join(commands))
     parser.add_argument(
         "--address",
@@ -108,13 +104,11 @@ def _without_config(args: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit") -> int:
-    from jobs.cli import COMMANDS
-
     parser = _parser(prog)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     setup_logging(False)
-    module = f"jobs.{COMMANDS[args.command][0]}"
-    stage = importlib.import_module(module).STAGE
+    stage = COMMANDS[args.command]
+    module = f"jobs.{stage.module}"
     stage_args = build_parser(stage, f"unclip {args.command}").parse_intermixed_args(rest)
     try:
         # checked here, before the cluster is contacted

@@ -7,42 +7,11 @@ decodes from its DDIM-inverted latent; writes the sweep, a grid (the input first
 ``index.json`` under ``<output>``.
 """
 
-from __future__ import annotations
-
 import sys
-from collections.abc import Sequence
 
-from jobs.entry import Inputs, Stage, run_stage
-from pipeline.stage_config import TextDiffConfig
+from jobs.entry import main_of
 
-
-def run(cfg: TextDiffConfig) -> int:
-    from pipeline import sampling
-
-    summary = sampling.run_textdiff(cfg)
-    print(
-        f"textdiff: {summary['images']} images under {summary['output']}; grid: {summary['grid']}"
-    )
-    return 0
-
-
-STAGE = Stage(
-    "textdiff",
-    "language-guided image edits by CLIP text diffs (DALL-E 2 section 3.3)",
-    TextDiffConfig,
-    "textdiff/tiny.yaml",
-    run,
-    flags=(
-        ("--from", "from_caption={text}", "a caption of the input image (config: from_caption)"),
-        ("--to", "to_caption={text}", "the caption to move towards (config: to_caption)"),
-    ),
-    inputs=Inputs("images", "IMAGE", "input image files", paths=True),
-)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.textdiff") -> int:
-    return run_stage(STAGE, argv, prog=prog)
-
+main = main_of("textdiff")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,23 +1,10 @@
 """``unclip train-prior`` / ``python -m jobs.train_prior``: train the prior (text → CLIP image embedding) on the embedding store."""
 
-from __future__ import annotations
+import sys
 
-from collections.abc import Sequence
+from jobs.entry import main_of
 
-from jobs.training import main_for, run_module, training_stage
-from pipeline.stage_config import PriorConfig
-
-STAGE = training_stage(
-    "train-prior",
-    "train the prior (text → CLIP image embedding) on the embedding store",
-    PriorConfig,
-    "prior/tiny.yaml",
-)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.train_prior") -> int:
-    return main_for(STAGE, argv, prog)
-
+main = main_of("train-prior")
 
 if __name__ == "__main__":
-    run_module(STAGE, "jobs.train_prior")
+    sys.exit(main())

@@ -1,23 +1,10 @@
 """``unclip train-upsampler`` / ``python -m jobs.train_upsampler``: train an upsampler (64→256 or 256→1024)."""
 
-from __future__ import annotations
+import sys
 
-from collections.abc import Sequence
+from jobs.entry import main_of
 
-from jobs.training import main_for, run_module, training_stage
-from pipeline.stage_config import UpsamplerConfig
-
-STAGE = training_stage(
-    "train-upsampler",
-    "train an upsampler (64→256 or 256→1024)",
-    UpsamplerConfig,
-    "upsampler/tiny.yaml",
-)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.train_upsampler") -> int:
-    return main_for(STAGE, argv, prog)
-
+main = main_of("train-upsampler")
 
 if __name__ == "__main__":
-    run_module(STAGE, "jobs.train_upsampler")
+    sys.exit(main())

@@ -1,26 +1,13 @@
-"""What the four training entrypoints share: a Stage whose run is ``pipeline.trainer``."""
+"""What runs the four training commands: the stage driver (:mod:`pipeline.train.driver`)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
-
-from jobs.entry import Stage, run_stage
+from typing import Any
 
 
-def training_stage(name: str, summary: str, config_cls: type, default_config: str) -> Stage:
-    def run(cfg) -> int:
-        from pipeline import trainer
+def run(name: str, cfg: Any) -> int:
+    """Train stage ``name`` (``train-prior``, ...) on Ray Train; prints its final line."""
+    from pipeline.train import driver
 
-        print(trainer.summary_line(trainer.run_training(name, cfg)))
-        return 0
-
-    return Stage(name, summary, config_cls, default_config, run)
-
-
-def main_for(stage: Stage, argv: Sequence[str] | None, prog: str) -> int:
-    return run_stage(stage, argv, prog=prog)
-
-
-def run_module(stage: Stage, module: str) -> None:
-    sys.exit(run_stage(stage, None, prog=f"python -m {module}"))
+    print(driver.summary_line(driver.run_training(name, cfg)))
+    return 0

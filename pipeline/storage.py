@@ -29,7 +29,6 @@ import logging
 import os
 import posixpath
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,8 +38,6 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 
 from unclip.fields import param
-
-COMMIT_MARKER = "_COMMITTED"
 
 # botocore's DEBUG records print request headers, whose signature names the access key id. Pin the
 # SDK's loggers at WARNING so that no log level set elsewhere (root at DEBUG) puts one in a log.
@@ -580,70 +577,3 @@ class Storage:
                 if is_local(url):
                     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 fs.put_file(local_path, path)
-
-    # -- directories committed by a marker -----------------------------------------------------
-
-    @contextlib.contextmanager
-    def commit_dir(self, url: str) -> Iterator[str]:
-        """Build a directory that readers see whole or not at all.
-
-        Yields the URL to write the directory's files under. When the block exits cleanly the files
-        are listed into a ``_COMMITTED`` marker written last (and, on local disk, the hidden staging
-        directory is renamed to ``url``). If the block raises, or the process dies, there is no
-        marker: :meth:`is_committed` is false and :meth:`committed_children` leaves it out. A
-        leftover of a dead writer at ``url`` is cleared before writing; a committed ``url`` is
-        never overwritten.
-        """
-        if self.is_committed(url):
-            raise StorageError(f"cannot write {redact_url(url)}: it is already committed")
-        if is_local(url):
-            final = os.path.abspath(_local_path(url))
-            staging = os.path.join(
-                os.path.dirname(final), f".{os.path.basename(final)}{_TMP_TAG}{uuid.uuid4().hex}"
-            )
-            with self._errors("write", url):
-                os.makedirs(staging)
-            try:
-                yield staging
-                self._write_marker(staging)
-                with self._errors("publish", url):
-                    if os.path.exists(final):
-                        shutil.rmtree(final)  # an uncommitted leftover (checked above)
-                    os.replace(staging, final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            return
-        self.remove(url, recursive=True)  # an uncommitted leftover (checked above)
-        try:
-            yield url
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.remove(url, recursive=True)
-            raise
-        self._write_marker(url)
-
-    def _write_marker(self, url: str) -> None:
-        fs, path = self.filesystem(url)
-        with self._errors("list", url):
-            found = fs.find(path, detail=True)
-        root = path.rstrip("/") + "/"
-        files = {
-            name[len(root) :]: int(info.get("size") or 0)
-            for name, info in found.items()
-            if name.startswith(root)
-        }
-        marker = {"committed_at": time.time(), "files": dict(sorted(files.items()))}
-        self.write_json(join(url, COMMIT_MARKER), marker)
-
-    def is_committed(self, url: str) -> bool:
-        """Whether ``url`` is a directory published by :meth:`commit_dir`."""
-        return self.exists(join(url, COMMIT_MARKER))
-
-    def committed_children(self, url: str) -> list[str]:
-        """The committed directories directly under ``url``, sorted by name."""
-        return [child for child in self.list(url) if self.is_committed(child)]
-
-    def committed_files(self, url: str) -> dict[str, int]:
-        """The files (relative path → size) that the marker of a committed directory lists."""
-        return dict(self.read_json(join(url, COMMIT_MARKER))["files"])

@@ -7,6 +7,7 @@
   endpoint so its workers inherit the endpoint's environment.
 * ``storage_root``: parametrised over ``local`` and ``s3``; a test that takes it runs on both.
 * ``ray_head`` (per module): ``ray start --head`` with token auth, as a user's cluster would be.
+* ``single_thread`` (per module): torch on one intra-op thread.
 
 The suite depends on nothing a Ray run leaves on the machine: it removes ``RAY_ADDRESS`` from its
 environment and points ``RAY_TMPDIR`` at a private directory (removed at exit) before anything
@@ -16,7 +17,6 @@ Ray last ran there) and every Ray a test starts, in this process or a child, is 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port, free_ports, one_thread
 
 from pipeline.storage import Storage, StorageOptions, patched_environ
 
@@ -52,22 +53,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # Dummy credentials for moto; tests assert that these never appear in messages or logs.
 FAKE_KEY_ID = "AKIAUNCLIPTESTKEYID0"
 FAKE_SECRET = "unclip-test-secret-Zq8vP2mX"
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: each socket stays bound until all are chosen, so the kernel
-    cannot hand the same port out twice (it did, to two of a Ray head's components)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +121,14 @@ def ray_local(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for a module of tiny models (``helpers.one_thread``); a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with one_thread():
+        yield
+
+
 @dataclass
 class Root:
     """A storage root for a test: where to write (``url``) and how (``storage``)."""
@@ -169,7 +162,7 @@ class RayHead:
 def ray_head(s3_endpoint: str) -> Iterator[RayHead]:
     """``ray start --head --block`` on 127.0.0.1 with token auth, in its own process group (``ray
     stop`` would kill every Ray on the machine, the test session's own included)."""
-    from pipeline import submit as jobs_api
+    from pipeline.cluster import submit as jobs_api
     from pipeline.errors import UserFacingError
 
     token = secrets.token_hex(16)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cluster
-from pipeline import submit as jobs_api
+from pipeline.cluster import submit as jobs_api
+from pipeline.cluster.connect import joins_cluster
 from pipeline.stage_config import RayOptions
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_joins_cluster(monkeypatch, address, ray_address, joins) -> None:
         monkeypatch.setenv("RAY_ADDRESS", ray_address)
     else:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert cluster.joins_cluster(RayOptions(address=address)) is joins
+    assert joins_cluster(RayOptions(address=address)) is joins
 
 
 def _synth(root: Path, env: dict[str, str], *overrides: str) -> str:

@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from jobs import cli
+from jobs.commands import COMMANDS, stages
 from jobs.entry import CONFIG_DIR, PROJECT_ROOT
 from pipeline import config as configlib
 from pipeline.config import ConfigError, load
 from pipeline.stage_config import (
-    STAGE_CONFIGS,
     DecoderConfig,
     EmbedConfig,
     PriorConfig,
@@ -24,16 +24,16 @@ from pipeline.stage_config import (
 from pipeline.storage import Secret
 
 
-@pytest.mark.parametrize("stage", list(STAGE_CONFIGS))
+@pytest.mark.parametrize("stage", list(stages()))
 def test_defaults_load(stage: str) -> None:
-    config_cls, _ = STAGE_CONFIGS[stage]
+    config_cls = COMMANDS[stage].config_cls
     cfg = load(config_cls)
     assert cfg == config_cls()
     assert cfg.url("shards") == "runs/quickstart/shards"
 
 
 def _yaml_files() -> list[tuple[str, type]]:
-    folders = {folder: cls for cls, folder in STAGE_CONFIGS.values()}
+    folders = {c.folder: c.config_cls for c in stages().values()}
     files = sorted(glob.glob(str(CONFIG_DIR / "*" / "*.yaml")))
     assert files, "no configs found"
     return [(f, folders[os.path.basename(os.path.dirname(f))]) for f in files]
@@ -197,7 +197,7 @@ def test_describe_lists_every_key_with_docs() -> None:
 def test_cli_help_lists_commands(capsys) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in cli.COMMANDS:
+    for command in COMMANDS:
         assert f"  {command} " in out
 
 

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize, tiny_decoder_net
 
 from unclip.decoder import Decoder
-from unclip.diffusion import DiffusionConfig
+from unclip.diffusion_process import DiffusionConfig
 from unclip.unet import DecoderNetConfig, UpsamplerNetConfig
 from unclip.upsampler import Upsampler, downscale, random_crops
 
@@ -18,19 +19,7 @@ EMBED = 16
 
 
 def decoder_cfg(**kw) -> DecoderNetConfig:
-    base = dict(
-        image_size=16,
-        channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        head_channels=16,
-        text_context=8,
-        text_width=32,
-        text_depth=1,
-        text_heads=2,
-    )
-    return DecoderNetConfig(**{**base, **kw})
+    return tiny_decoder_net(**kw)
 
 
 def upsampler_cfg(**kw) -> UpsamplerNetConfig:
@@ -68,16 +57,6 @@ def decoder_batch(b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
         "image_emb": F.normalize(torch.randn(b, EMBED, generator=gen), dim=-1),
         "text_tokens": tokens(b),
     }
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights in the zero-initialised layers, so untrained outputs depend on the inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def repeat(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
@@ -158,7 +137,6 @@ def test_decoder_loss_is_deterministic_and_reads_half_precision_batches() -> Non
     c = model.loss(batch, torch.Generator().manual_seed(6))
     assert a.ndim == 0 and torch.isfinite(a)
     assert a == b and a != c
-    assert model(batch, torch.Generator().manual_seed(5)) == a  # forward is the loss (for DDP)
     half = {**batch, "image": batch["image"].half(), "image_emb": batch["image_emb"].half()}
     h = model.loss(half, torch.Generator().manual_seed(5))
     assert h.dtype == torch.float32 and abs(float((h - a).detach())) < 1e-2

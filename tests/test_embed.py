@@ -14,64 +14,34 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import Root
+from helpers import (
+    TINY_CLIP_CONFIG,
+    embed_cfg,
+    tiny_clip_checkpoint,
+    tiny_clip_source,
+    write_synth,
+)
 from PIL import Image
 
 from jobs import embed as embed_job
-from pipeline import clip_model, synth
-from pipeline.clip_retrieval import import_folder
-from pipeline.embed import run_embedding
-from pipeline.embed_store import EmbeddingStore, column_array, image_dataset
+from pipeline.data.shards import ShardWriter, iter_tar_samples, sample_key, shard_urls
+from pipeline.embed import clip_model
+from pipeline.embed.clip_retrieval import import_folder
+from pipeline.embed.job import run_embedding
+from pipeline.embed.store import EmbeddingStore, column_array, image_dataset
 from pipeline.errors import UserFacingError
-from pipeline.shards import ShardWriter, iter_tar_samples, sample_key, shard_urls
-from pipeline.stage_config import ClipSource, EmbedConfig, SynthConfig
+from pipeline.stage_config import EmbedConfig
 from pipeline.storage import Storage
-
-TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "clip", "tiny-clip.json")
-
-
-def _tiny_clip_checkpoint(path: str, seed: int) -> str:
-    import open_clip
-    from safetensors.torch import save_file
-
-    open_clip.add_model_config(TINY_CONFIG)
-    torch.manual_seed(seed)
-    model = open_clip.create_model("tiny-clip")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def clip_checkpoint(tmp_path_factory) -> str:
-    return _tiny_clip_checkpoint(str(tmp_path_factory.mktemp("clip") / "tiny.safetensors"), 0)
-
-
-def _source(checkpoint: str | None) -> ClipSource:
-    return ClipSource(model="tiny-clip", model_config=TINY_CONFIG, pretrained=checkpoint)
-
-
-def _embed_cfg(root: Root, checkpoint: str | None, **changes) -> EmbedConfig:
-    options = dict(
-        root=root.url, storage=root.storage.options, clip=_source(checkpoint), batch_size=8
-    )
-    return EmbedConfig(**{**options, **changes})
-
-
-def _synth(root: Root, num_samples: int, per_shard: int) -> None:
-    synth.generate(
-        SynthConfig(
-            root=root.url,
-            storage=root.storage.options,
-            num_samples=num_samples,
-            samples_per_shard=per_shard,
-            image_size=64,
-        ),
-        root.storage,
-    )
+    return tiny_clip_checkpoint(str(tmp_path_factory.mktemp("clip") / "tiny.safetensors"), 0)
 
 
 def test_embeddings_equal_the_bare_model(storage_root: Root, ray_local, clip_checkpoint) -> None:
-    _synth(storage_root, 20, 8)
-    summary = run_embedding(_embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
+    write_synth(storage_root, 20, 8)
+    summary = run_embedding(embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
     assert (summary["shards"], summary["rows"], summary["skipped"]) == (3, 20, 0)
     store = EmbeddingStore(storage_root.storage, summary["store"])
     manifest = store.manifest()
@@ -86,10 +56,10 @@ def test_embeddings_equal_the_bare_model(storage_root: Root, ray_local, clip_che
     assert manifest["clip_source"] == {
         "model": "tiny-clip",
         "pretrained": os.path.abspath(clip_checkpoint),
-        "model_config": os.path.abspath(TINY_CONFIG),
+        "model_config": os.path.abspath(TINY_CLIP_CONFIG),
     }
 
-    loaded = clip_model.load_clip(_source(clip_checkpoint), clip_checkpoint)
+    loaded = clip_model.load_clip(tiny_clip_source(clip_checkpoint), clip_checkpoint)
     import open_clip
 
     _, _, preprocess = open_clip.create_model_and_transforms(
@@ -131,10 +101,10 @@ def test_embeddings_equal_the_bare_model(storage_root: Root, ray_local, clip_che
 def test_interrupted_run_resumes_exactly_once(
     storage_root: Root, ray_local, clip_checkpoint, monkeypatch
 ) -> None:
-    import pipeline.embed as embed_module
+    import pipeline.embed.job as embed_module
 
-    _synth(storage_root, 40, 8)
-    cfg = _embed_cfg(storage_root, clip_checkpoint)
+    write_synth(storage_root, 40, 8)
+    cfg = embed_cfg(storage_root, clip_checkpoint)
     original = embed_module.ShardGatherer._publish
     published = []
 
@@ -198,7 +168,7 @@ def test_bad_samples_are_counted_and_skipped(
     storage_root: Root, ray_local, clip_checkpoint
 ) -> None:
     _bad_shards(storage_root)
-    summary = run_embedding(_embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
+    summary = run_embedding(embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
     store = EmbeddingStore(storage_root.storage, summary["store"])
     records = store.completed()
     assert records["00000"]["rows"] == 4
@@ -220,23 +190,24 @@ def test_bad_samples_are_counted_and_skipped(
 
 def test_a_store_from_another_clip_is_refused(tmp_path, ray_local, clip_checkpoint) -> None:
     root = Root("local", str(tmp_path), Storage())
-    _synth(root, 8, 8)
-    run_embedding(_embed_cfg(root, clip_checkpoint, clip_id="shared"), root.storage)
-    other = _tiny_clip_checkpoint(str(tmp_path / "other.safetensors"), 1)
+    write_synth(root, 8, 8)
+    run_embedding(embed_cfg(root, clip_checkpoint, clip_id="shared"), root.storage)
+    other = tiny_clip_checkpoint(str(tmp_path / "other.safetensors"), 1)
     with pytest.raises(UserFacingError, match="was made with another CLIP: its clip is"):
-        run_embedding(_embed_cfg(root, other, clip_id="shared"), root.storage)
+        run_embedding(embed_cfg(root, other, clip_id="shared"), root.storage)
     # left alone: another CLIP gets its own store by default
-    summary = run_embedding(_embed_cfg(root, other), root.storage)
+    summary = run_embedding(embed_cfg(root, other), root.storage)
     assert summary["store"].endswith(
-        "tiny-clip--ckpt-" + clip_model.identity(_source(other), other).checkpoint_sha256[:12]
+        "tiny-clip--ckpt-"
+        + clip_model.identity(tiny_clip_source(other), other).checkpoint_sha256[:12]
     )
 
 
 def test_clip_retrieval_import_round_trips(
     storage_root: Root, ray_local, clip_checkpoint, capsys
 ) -> None:
-    _synth(storage_root, 12, 6)
-    summary = run_embedding(_embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
+    write_synth(storage_root, 12, 6)
+    summary = run_embedding(embed_cfg(storage_root, clip_checkpoint), storage_root.storage)
     original = EmbeddingStore(storage_root.storage, summary["store"]).read_all()
 
     # Export the store as clip-retrieval would have written it, with one caption missing.
@@ -284,7 +255,7 @@ def test_clip_retrieval_import_round_trips(
                 root=storage_root.url,
                 storage=s.options,
                 store="imported",
-                clip=_source(None),
+                clip=tiny_clip_source(None),
                 import_clip_retrieval=export,
             ),
             s,
@@ -303,7 +274,7 @@ def test_wrong_embedding_dimensions_are_named(tmp_path) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"caption": ["a", "b"]}), sink)
     s.write_bytes(f"{export}/metadata/metadata_0.parquet", sink.getvalue().to_pybytes())
-    cfg = EmbedConfig(root=str(tmp_path), clip=_source(None), import_clip_retrieval=export)
+    cfg = EmbedConfig(root=str(tmp_path), clip=tiny_clip_source(None), import_clip_retrieval=export)
     with pytest.raises(
         UserFacingError,
         match=r"img_emb_0\.npy: embeddings have 48 dimensions but tiny-clip makes 64",

@@ -13,29 +13,32 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_clip_checkpoint
 from PIL import Image
-from test_embed import _tiny_clip_checkpoint
-from test_sample import (  # noqa: F401
+from tiny_cascade import (
     HIGH,
     STEPS,
-    _build,
-    _overrides,
-    _prior_cfg,
+    build_model,
+    cascade_overrides,
     make_cascade_root,
-    one_thread,
+    prior_cfg,
     write_checkpoint,
 )
 
 from jobs import cli
 from jobs.entry import CONFIG_DIR
 from pipeline import config as configlib
-from pipeline import evaluate, synth
-from pipeline.embed_store import EmbeddingStore, to_table
+from pipeline.cascade_config import EvalConfig
+from pipeline.data import synth
+from pipeline.data.shapes import parse_caption
+from pipeline.data.shards import iter_tar_samples, shard_urls
+from pipeline.embed.store import EmbeddingStore, to_table
 from pipeline.errors import UserFacingError
-from pipeline.shapes import parse_caption
-from pipeline.shards import iter_tar_samples, shard_urls
-from pipeline.stage_config import EvalConfig, SynthConfig
+from pipeline.eval.run import run_eval
+from pipeline.stage_config import SynthConfig
 from pipeline.storage import Storage, join
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 HELDOUT = ["red star", "blue triangle"]
 ALL = ["caption", "text_embedding", "prior", "ar_prior"]
@@ -47,7 +50,7 @@ def eval_root(tmp_path_factory) -> dict:
     shard (so real images can be read beside it), an autoregressive prior, Inception weights."""
     base = tmp_path_factory.mktemp("eval")
     storage = Storage()
-    clip_path = _tiny_clip_checkpoint(str(base / "clip.safetensors"), 0)
+    clip_path = tiny_clip_checkpoint(str(base / "clip.safetensors"), 0)
     root = str(base / "root")
     made = make_cascade_root(storage, root, clip_path)
 
@@ -66,14 +69,14 @@ def eval_root(tmp_path_factory) -> dict:
     )
     store.finalize_manifest({"source": shards})
 
-    ar_cfg = _prior_cfg(root, "autoregressive")
+    ar_cfg = prior_cfg(root, "autoregressive")
     g = torch.Generator().manual_seed(0)
     fit = {
         name: torch.nn.functional.normalize(torch.randn(64, 64, generator=g), dim=-1).numpy()
         for name in ("fit_image_emb", "fit_text_emb")
     }
     info = {**made["info"], **fit}
-    ar = _build("train-prior", ar_cfg, info, 5)
+    ar = build_model("train-prior", ar_cfg, info, 5)
     write_checkpoint(
         storage, join(root, "checkpoints", "prior-ar"), "train-prior", ar_cfg, ar, info
     )
@@ -98,7 +101,7 @@ def _cfg(c: dict, *extra: str) -> EvalConfig:
     return configlib.load(
         EvalConfig,
         str(CONFIG_DIR / "eval" / "tiny.yaml"),
-        _overrides(
+        cascade_overrides(
             c,
             "prior=checkpoints/prior",
             "ar_prior=checkpoints/prior-ar",
@@ -119,7 +122,7 @@ def _numbers(report: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def without_fid(eval_root) -> dict:
-    summary = evaluate.run_eval(_cfg(eval_root, "output=eval/a"))
+    summary = run_eval(_cfg(eval_root, "output=eval/a"))
     with open(summary["report"]) as handle:
         return {"summary": summary, "report": json.load(handle)}
 
@@ -186,7 +189,7 @@ def test_fid_with_inception_weights_and_determinism(eval_root, without_fid, ince
         "conditionings=[caption, prior]",
         "grid_prompts=1",
     )
-    summary = evaluate.run_eval(cfg)
+    summary = run_eval(cfg)
     with open(summary["report"]) as handle:
         report = json.load(handle)
     assert report["order"] == ["caption", "prior"] == list(report["conditionings"])
@@ -211,7 +214,7 @@ def test_explicit_prompts_real_count_and_another_seed(eval_root, without_fid) ->
         "num_real=4",
         "seed=1",
     )
-    with open(evaluate.run_eval(cfg)["report"]) as handle:
+    with open(run_eval(cfg)["report"]) as handle:
         report = json.load(handle)
     assert report["prompts"] == {"train": prompts}
     entry = report["conditionings"]["text_embedding"]
@@ -224,26 +227,26 @@ def test_explicit_prompts_real_count_and_another_seed(eval_root, without_fid) ->
 def test_command_line_and_errors(eval_root, capsys) -> None:
     c = eval_root
     argv = [
-        *_overrides(c, "prior=null", "num_prompts=2", "output=eval/cli", "batch_size=4"),
+        *cascade_overrides(c, "prior=null", "num_prompts=2", "output=eval/cli", "batch_size=4"),
         "conditionings=[caption]",
     ]
     assert cli.main(["eval", *argv]) == 0
     out = capsys.readouterr().out
     assert "eval: report at" in out and "report.md" in out and "caption" in out
 
-    assert cli.main(["eval", *_overrides(c, "prior=null"), "conditionings=[prior]"]) == 2
+    assert cli.main(["eval", *cascade_overrides(c, "prior=null"), "conditionings=[prior]"]) == 2
     assert 'conditioning "prior" needs a prior run' in capsys.readouterr().err
-    assert cli.main(["eval", *_overrides(c), "heldout_pairs=[pink star]"]) == 2
+    assert cli.main(["eval", *cascade_overrides(c), "heldout_pairs=[pink star]"]) == 2
     assert "heldout_pairs[0]" in capsys.readouterr().err
 
     with pytest.raises(UserFacingError, match="no embedding store"):
-        evaluate.run_eval(_cfg(c, "store=embeddings/nothing", "conditionings=[caption]"))
+        run_eval(_cfg(c, "store=embeddings/nothing", "conditionings=[caption]"))
     broken = str(c["base"] / "broken.pt")
     torch.save({"fc.weight": torch.zeros(2, 2)}, broken)
     with pytest.raises(UserFacingError, match="do not fit torchvision's inception_v3"):
-        evaluate.run_eval(_cfg(c, f"inception_weights={broken}", "conditionings=[caption]"))
+        run_eval(_cfg(c, f"inception_weights={broken}", "conditionings=[caption]"))
     missing = _cfg(c, "inception_weights=nowhere.pt", "conditionings=[caption]", "output=eval/d")
-    summary = evaluate.run_eval(missing)
+    summary = run_eval(missing)
     assert summary["metrics"]["caption"]["fid"] is None
     assert any("no Inception weights at" in note for note in summary["notes"])
 

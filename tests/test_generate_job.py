@@ -8,18 +8,21 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import tiny_clip_checkpoint
 from PIL import Image
-from test_embed import _tiny_clip_checkpoint
-from test_sample import HIGH, STEPS, _overrides, make_cascade_root, one_thread, read  # noqa: F401
+from test_sample import read
+from tiny_cascade import HIGH, STEPS, cascade_overrides, make_cascade_root
 
 from jobs import generate as generate_job
 from jobs.entry import CONFIG_DIR
 from pipeline import config as configlib
-from pipeline import sampling
+from pipeline.cascade_config import GenerateConfig, SampleConfig
 from pipeline.errors import UserFacingError
-from pipeline.generate_job import job_rows, row_seed, run_generate
-from pipeline.stage_config import GenerateConfig, SampleConfig
+from pipeline.generate import sampling
+from pipeline.generate.batch import job_rows, row_seed, run_generate
 from pipeline.storage import Storage
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CAPTIONS = ["a red circle", "", "a blue square  ", "a green triangle"]
 
@@ -27,7 +30,7 @@ CAPTIONS = ["a red circle", "", "a blue square  ", "a green triangle"]
 @pytest.fixture(scope="module")
 def cascade_root(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("generate")
-    clip_path = _tiny_clip_checkpoint(str(base / "clip.safetensors"), 0)
+    clip_path = tiny_clip_checkpoint(str(base / "clip.safetensors"), 0)
     root = str(base / "root")
     made = make_cascade_root(Storage(), root, clip_path)
     captions = base / "captions.txt"
@@ -40,7 +43,7 @@ def _cfg(c: dict, *extra: str) -> GenerateConfig:
     return configlib.load(
         GenerateConfig,
         str(CONFIG_DIR / "generate" / "tiny.yaml"),
-        _overrides(
+        cascade_overrides(
             c,
             "prior=checkpoints/prior",
             f"prior_steps={STEPS}",
@@ -67,7 +70,7 @@ def test_generate_writes_images_and_index_independent_of_batching(
     c, storage = cascade_root, Storage()
     argv = [
         c["captions"],
-        *_overrides(c, "prior=checkpoints/prior", f"prior_steps={STEPS}"),
+        *cascade_overrides(c, "prior=checkpoints/prior", f"prior_steps={STEPS}"),
         "samples_per_caption=2",
         "batch_size=4",
         "output=gen/a",
@@ -101,7 +104,7 @@ def test_generate_writes_images_and_index_independent_of_batching(
     sample = configlib.load(
         SampleConfig,
         str(CONFIG_DIR / "sample" / "tiny.yaml"),
-        _overrides(
+        cascade_overrides(
             c,
             "prior=checkpoints/prior",
             f"prior_steps={STEPS}",

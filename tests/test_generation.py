@@ -8,14 +8,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import caption_tokens, randomize, tiny_decoder_net
 
 from unclip import generation as gen
 from unclip.ar_prior import ARPrior
 from unclip.decoder import Decoder
-from unclip.diffusion import DiffusionConfig
+from unclip.diffusion_process import DiffusionConfig
 from unclip.prior import DiffusionPrior, PriorNetConfig
-from unclip.unet import DecoderNetConfig, UpsamplerNetConfig
+from unclip.sphere import slerp, text_diff_direction
+from unclip.unet import UpsamplerNetConfig
 from unclip.upsampler import Upsampler, downscale
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 D = 16
 VOCAB = 100
@@ -23,43 +27,12 @@ SIZE = 16  # decoder resolution
 HIGH = 32  # upsampler resolution
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine oversubscribed
-    threads make them many times slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights in the zero-initialised layers, so untrained outputs depend on the inputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def decoder() -> Decoder:
     """A 16px decoder with learned variance sampled with DDPM, as the paper's (table 3), so the
     manipulations' switch to DDIM is observable; guidance 3 by default."""
     torch.manual_seed(0)
-    net = DecoderNetConfig(
-        image_size=SIZE,
-        channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        head_channels=16,
-        text_context=8,
-        text_width=32,
-        text_depth=1,
-        text_heads=2,
-    )
+    net = tiny_decoder_net(image_size=SIZE)
     diffusion = DiffusionConfig(
         learned_variance=True, sampler="ddpm", sampling_steps=4, guidance_scale=3.0
     )
@@ -101,15 +74,7 @@ def ar_prior() -> ARPrior:
 
 
 def captions(b: int, seed: int = 0, length: int = 9) -> torch.Tensor:
-    """Token ids like open_clip's: start-of-text, words, end-of-text, then zero padding."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.zeros(b, length, dtype=torch.long)
-    for i in range(b):
-        n = int(torch.randint(2, length - 2, (1,), generator=g))
-        tokens[i, 0] = VOCAB - 2
-        tokens[i, 1 : n + 1] = torch.randint(1, VOCAB - 2, (n,), generator=g)
-        tokens[i, n + 1] = VOCAB - 1
-    return tokens
+    return caption_tokens(b, VOCAB, seed, length)
 
 
 def unit(b: int, seed: int) -> torch.Tensor:
@@ -164,10 +129,10 @@ def ddim(decoder: Decoder, emb, tokens, noise, rows: int = 1) -> torch.Tensor:
 
 def test_slerp_endpoints_unit_norm_and_constant_angular_speed() -> None:
     a, b = unit(5, 0), unit(5, 1)
-    torch.testing.assert_close(gen.slerp(a, b, 0.0), a, rtol=0, atol=0)
-    torch.testing.assert_close(gen.slerp(a, b, 1.0), b, rtol=0, atol=0)
+    torch.testing.assert_close(slerp(a, b, 0.0), a, rtol=0, atol=0)
+    torch.testing.assert_close(slerp(a, b, 1.0), b, rtol=0, atol=0)
     t = torch.linspace(0, 1, 7)
-    path = gen.slerp(a[:, None], b[:, None], t)  # (5, 7, D): every pair at every t
+    path = slerp(a[:, None], b[:, None], t)  # (5, 7, D): every pair at every t
     assert path.shape == (5, 7, D)
     torch.testing.assert_close(path[:, 0], a, rtol=0, atol=0)
     torch.testing.assert_close(path[:, -1], b, rtol=0, atol=0)
@@ -181,30 +146,30 @@ def test_slerp_endpoints_unit_norm_and_constant_angular_speed() -> None:
     om = angle(x, y)[:, None]
     w = tt.double()[:, None]
     ref = (torch.sin((1 - w) * om) * x.double() + torch.sin(w * om) * y.double()) / torch.sin(om)
-    torch.testing.assert_close(gen.slerp(x, y, tt).double(), ref, rtol=0, atol=1e-5)
-    assert gen.slerp(a.double(), b.double(), 0.3).dtype == torch.float64
+    torch.testing.assert_close(slerp(x, y, tt).double(), ref, rtol=0, atol=1e-5)
+    assert slerp(a.double(), b.double(), 0.3).dtype == torch.float64
 
 
 def test_slerp_is_robust_when_the_endpoints_coincide() -> None:
     a = unit(3, 0)
     for t in (0.0, 0.3, 1.0):
-        torch.testing.assert_close(gen.slerp(a, a.clone(), t), a, rtol=0, atol=1e-7)
+        torch.testing.assert_close(slerp(a, a.clone(), t), a, rtol=0, atol=1e-7)
     near = F.normalize(a + 1e-7 * torch.randn(3, D, generator=seed(1)), dim=-1)
-    mid = gen.slerp(a, near, 0.5)
+    mid = slerp(a, near, 0.5)
     assert torch.isfinite(mid).all()
     torch.testing.assert_close(mid, a, rtol=0, atol=1e-6)
     torch.testing.assert_close(mid.norm(dim=-1), torch.ones(3), rtol=0, atol=1e-6)
     big = F.normalize(torch.randn(2, 4096, generator=seed(2)), dim=-1)  # high-dim, tiny angle
     bump = F.normalize(big + 1e-5 * torch.randn(2, 4096, generator=seed(3)), dim=-1)
-    path = gen.slerp(big[:, None], bump[:, None], torch.linspace(0, 1, 5))
+    path = slerp(big[:, None], bump[:, None], torch.linspace(0, 1, 5))
     assert torch.isfinite(path).all()
     torch.testing.assert_close(path.norm(dim=-1), torch.ones(2, 5), rtol=0, atol=1e-5)
-    assert torch.isfinite(gen.slerp(a, -a, 0.5)).all()  # antipodal: ill-defined, but finite
+    assert torch.isfinite(slerp(a, -a, 0.5)).all()  # antipodal: ill-defined, but finite
 
 
 def test_text_diff_direction() -> None:
     z_t0, z_t = unit(4, 0), unit(4, 1)
-    z_d = gen.text_diff_direction(3 * z_t0, z_t)  # normalises its inputs first
+    z_d = text_diff_direction(3 * z_t0, z_t)  # normalises its inputs first
     torch.testing.assert_close(z_d, F.normalize(z_t - z_t0, dim=-1))
     torch.testing.assert_close(z_d.norm(dim=-1), torch.ones(4))
 
@@ -430,7 +395,7 @@ def test_interpolate(decoder, upsampler) -> None:
     emb = out.image_emb.view(2, 4, D)
     torch.testing.assert_close(emb[:, 0], za, rtol=0, atol=1e-7)
     torch.testing.assert_close(emb[:, -1], zb, rtol=0, atol=1e-7)
-    torch.testing.assert_close(emb[:, 1], gen.slerp(za, zb, 1 / 3))
+    torch.testing.assert_close(emb[:, 1], slerp(za, zb, 1 / 3))
     # the endpoints are the decodings of z_i1 from x_T1 and of z_i2 from x_T2
     low = out.images[0].view(2, 4, 3, SIZE, SIZE)
     assert same(low[:, 0], ddim(decoder, za, None, x_a, rows=4))

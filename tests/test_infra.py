@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.commands import by_module
 from jobs.entry import load_stage_config
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,8 @@ def test_each_rayjob_runs_a_real_module_and_config_that_fits_its_workers(name: s
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs.")
-    stage = importlib.import_module(argv[2]).STAGE  # a real module with a stage
+    importlib.import_module(argv[2])  # a real module
+    stage = by_module(argv[2])  # of a real command
     rest = argv[3:]
     assert rest[0] == "--config" and (PROJECT / rest[1]).is_file(), rest[1]
     cfg = load_stage_config(stage, rest[1], rest[2:])  # the config and overrides load and check

@@ -18,9 +18,9 @@ from conftest import Root
 from PIL import Image
 
 from jobs import ingest as ingest_job
-from pipeline import ingest
+from pipeline.data import ingest
+from pipeline.data.shards import completed_shards, iter_tar_samples, read_parquet_rows, shard_urls
 from pipeline.errors import UserFacingError
-from pipeline.shards import completed_shards, iter_tar_samples, read_parquet_rows, shard_urls
 from pipeline.stage_config import IngestConfig
 
 GOOD, MISSING, CORRUPT = 12, 3, 3

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.shapes import COLORS, SHAPES, render, sample_scene
 from pipeline.errors import UserFacingError
-from pipeline.metrics import (
+from pipeline.eval.metrics import (
     INCEPTION_FEATURE_DIM,
     FeatureStats,
     attribute_accuracy,
@@ -22,7 +23,6 @@ from pipeline.metrics import (
     inception_features,
     load_inception,
 )
-from pipeline.shapes import COLORS, SHAPES, render, sample_scene
 
 # ---------------------------------------------------------------------------------------------
 # Fréchet distance

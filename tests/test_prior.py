@@ -8,26 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import caption_tokens
 
 from pipeline.config import load
 from pipeline.stage_config import PriorConfig
 from unclip.ar_prior import ARPrior, ARPriorNet, PCAQuantizer
-from unclip.diffusion import DiffusionConfig
+from unclip.diffusion_process import DiffusionConfig
 from unclip.prior import DiffusionPrior, DiffusionPriorNet, PriorNetConfig, build_prior
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "prior"
 VOCAB = 100
 D = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine oversubscribed
-    threads make them many times slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_cfg(**kw) -> PriorNetConfig:
@@ -46,15 +39,7 @@ def diffusion_cfg(**kw) -> DiffusionConfig:
 
 
 def captions(b: int, seed: int = 0, length: int = 9) -> torch.Tensor:
-    """Token ids like open_clip's: start-of-text, words, end-of-text, then zero padding."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.zeros(b, length, dtype=torch.long)
-    for i in range(b):
-        n = int(torch.randint(2, length - 2, (1,), generator=g))
-        tokens[i, 0] = VOCAB - 2
-        tokens[i, 1 : n + 1] = torch.randint(1, VOCAB - 2, (n,), generator=g)
-        tokens[i, n + 1] = VOCAB - 1
-    return tokens
+    return caption_tokens(b, VOCAB, seed, length)
 
 
 def batch(b: int, seed: int = 0) -> dict[str, torch.Tensor]:

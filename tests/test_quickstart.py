@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 
 from jobs import quickstart
-from pipeline import checkpoints
+from jobs.commands import stages
 from pipeline import config as configlib
-from pipeline.shards import completed_shards
-from pipeline.stage_config import STAGE_CONFIGS
+from pipeline.data.shards import completed_shards
 from pipeline.storage import Storage, join
+from pipeline.train import checkpoints
 
 
 def test_quickstart_runs_every_stage(ray_local, tmp_path, capsys) -> None:
@@ -24,9 +24,11 @@ def test_quickstart_runs_every_stage(ray_local, tmp_path, capsys) -> None:
     for run in ("clip", "prior", "decoder", "upsampler-256"):
         assert checkpoints.list_checkpoints(storage, join(root, "checkpoints", run))[-1][0] == 10
     expected = quickstart.stage_configs(quickstart.QuickstartConfig(root=root, smoke=True))
-    for stage, (config_cls, _) in STAGE_CONFIGS.items():
+    for stage, command in stages().items():
         text = storage.read_text(join(root, "configs", f"{stage}.yaml"))
-        saved = configlib.from_dict(config_cls, configlib.read_yaml_text(text), source=stage)
+        saved = configlib.from_dict(
+            command.config_cls, configlib.read_yaml_text(text), source=stage
+        )
         assert saved == expected[stage]
         assert saved.root == root
     assert completed_shards(storage, join(root, "shards")) == list(range(4))

@@ -4,7 +4,7 @@ interpolate and textdiff writing their images, grids and index, the same bytes f
 
 The checkpoints are made here, in seconds, without Ray Train: tiny random stage models built by the
 stages' own build functions, written by the checkpoint writer the training loop uses, with the
-``info`` the training driver gives (``pipeline.stages._store_info`` of a store in the embedding
+``info`` the training driver gives (``pipeline.train.stages.store_info`` of a store in the embedding
 job's format, made by the tests' tiny CLIP)."""
 
 from __future__ import annotations
@@ -13,183 +13,46 @@ import io
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_CLIP_CONFIG, tiny_clip_checkpoint
 from PIL import Image
-from test_embed import TINY_CONFIG, _tiny_clip_checkpoint
+from tiny_cascade import (
+    HIGH,
+    SIZE,
+    STEPS,
+    build_model,
+    cascade_overrides,
+    decoder_cfg,
+    make_cascade_root,
+    prior_cfg,
+    upsampler_cfg,
+    write_checkpoint,
+)
 
 from jobs import interpolate as interpolate_job
 from jobs import sample as sample_job
 from jobs import textdiff as textdiff_job
 from jobs import variations as variations_job
-from pipeline import checkpoints, clip_model, grids, sampling, stages
 from pipeline import config as configlib
-from pipeline.cascade import load_cascade, load_stage_model, plan_cascade
-from pipeline.embed import store_header
-from pipeline.embed_store import EmbeddingStore, to_table
+from pipeline import pictures
+from pipeline.cascade_config import SampleConfig
+from pipeline.embed.store import EmbeddingStore
 from pipeline.errors import UserFacingError
-from pipeline.stage_config import (
-    ClipSource,
-    DecoderConfig,
-    PriorConfig,
-    SampleConfig,
-    UpsamplerConfig,
-)
+from pipeline.generate import sampling
+from pipeline.generate.cascade import load_cascade, load_stage_model, plan_cascade
+from pipeline.stage_config import ClipSource
 from pipeline.storage import Storage, join
-from unclip.config import DecoderNetConfig, DiffusionConfig, PriorNetConfig, UpsamplerNetConfig
 
-SIZE, HIGH = 16, 32  # the decoder's and the upsampler's output side
-STEPS = 2  # sampling steps of every stage in these tests
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights in the zero-initialised layers, so untrained outputs depend on the inputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def _diffusion(**kw) -> DiffusionConfig:
-    return DiffusionConfig(**{"sampling_steps": STEPS, **kw})
-
-
-def _decoder_cfg(root: str) -> DecoderConfig:
-    net = DecoderNetConfig(
-        image_size=SIZE,
-        channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        head_channels=16,
-        text_context=8,
-        text_width=32,
-        text_depth=1,
-        text_heads=2,
-    )
-    return DecoderConfig(root=root, run="decoder", model=net, diffusion=_diffusion())
-
-
-def _prior_cfg(root: str, kind: str = "diffusion") -> PriorConfig:
-    net = PriorNetConfig(kind=kind, width=32, depth=1, heads=2, text_context=8, pca_dims=4)
-    diffusion = _diffusion(objective="x0", thresholding="none")
-    return PriorConfig(root=root, run=f"prior-{kind}", model=net, diffusion=diffusion)
-
-
-def _upsampler_cfg(root: str, low: int, high: int) -> UpsamplerConfig:
-    net = UpsamplerNetConfig(
-        low_res=low, high_res=high, channels=16, channel_mult=(1, 2), crop_fraction=0.5
-    )
-    return UpsamplerConfig(root=root, run=f"upsampler-{high}", model=net, diffusion=_diffusion())
-
-
-def write_checkpoint(
-    storage: Storage,
-    run_url: str,
-    stage: str,
-    cfg,
-    model: torch.nn.Module,
-    info: dict,
-    *,
-    step: int = 10,
-    ema: torch.nn.Module | bool | None = True,
-) -> str:
-    """A checkpoint as the training loop writes it (``checkpoints.write_local``, then persisted to
-    the run folder); ``ema``: True writes the model as its EMA, a module that module's weights,
-    False none."""
-    ema_model = model if ema is True else (ema or None)
-    url = join(run_url, f"checkpoint_{step:06d}")
-    with tempfile.TemporaryDirectory() as local:
-        checkpoints.write_local(
-            local,
-            model_state=model.state_dict(),
-            ema_state=ema_model.state_dict() if ema_model is not None else None,
-            optimizer_state=None,
-            state={
-                "step": step,
-                "stage": stage,
-                "info": {k: v for k, v in info.items() if not k.startswith("fit_")},
-            },
-            config_yaml=configlib.dumps(cfg),
-        )
-        storage.copy_from_local(local, url)
-    return url
-
-
-def _build(stage: str, cfg, info: dict, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return randomize(stages.STAGES[stage].build(cfg, info), seed)
-
-
-def make_cascade_root(storage: Storage, root: str, clip_path: str) -> dict:
-    """A root with a tiny CLIP's embedding store and checkpoints of every stage trained on it."""
-    source = ClipSource(model="tiny-clip", model_config=TINY_CONFIG, pretrained=clip_path)
-    ident = clip_model.identity(source, clip_path)
-    store = EmbeddingStore(storage, join(root, "embeddings", clip_model.safe_id(ident.id)))
-    store.open_for_writing({**store_header(ident, 64, 32, "tiny-clip"), "source": "synthetic"})
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(8, 64)).astype(np.float32)
-    store.write_shard(
-        "00000",
-        to_table(
-            [f"k{i}" for i in range(8)], ["a red circle"] * 8, emb, emb, np.ones((8, 32), np.int32)
-        ),
-        {"skipped": {}},
-    )
-    store.finalize_manifest()
-    info = stages._store_info(store, SIZE)
-    runs = {}
-
-    def run(name: str) -> str:
-        runs[name] = join(root, "checkpoints", name)
-        return runs[name]
-
-    prior_cfg = _prior_cfg(root)
-    write_checkpoint(
-        storage,
-        run("prior"),
-        "train-prior",
-        prior_cfg,
-        _build("train-prior", prior_cfg, info, 1),
-        info,
-    )
-    decoder_cfg = _decoder_cfg(root)
-    decoder = _build("train-decoder", decoder_cfg, info, 2)
-    raw = _build("train-decoder", decoder_cfg, info, 3)  # the training weights: not what samples
-    write_checkpoint(
-        storage, run("decoder"), "train-decoder", decoder_cfg, raw, info, step=5, ema=raw
-    )
-    write_checkpoint(storage, runs["decoder"], "train-decoder", decoder_cfg, raw, info, ema=decoder)
-    up_cfg = _upsampler_cfg(root, SIZE, HIGH)
-    write_checkpoint(
-        storage,
-        run("upsampler"),
-        "train-upsampler",
-        up_cfg,
-        _build("train-upsampler", up_cfg, {}, 4),
-        {},
-    )
-    return {"source": source, "runs": runs, "info": info, "decoder_ema": decoder}
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def cascade_root(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("cascade")
-    clip_path = _tiny_clip_checkpoint(str(base / "clip.safetensors"), 0)
+    clip_path = tiny_clip_checkpoint(str(base / "clip.safetensors"), 0)
     root = str(base / "root")
     made = make_cascade_root(Storage(), root, clip_path)
     inputs = []
@@ -200,27 +63,11 @@ def cascade_root(tmp_path_factory) -> dict:
     return {**made, "root": root, "clip_path": clip_path, "inputs": inputs}
 
 
-def _overrides(c: dict, *extra: str) -> list[str]:
-    """The tiny config pointed at the test's root, CLIP and runs, with few sampling steps."""
-    return [
-        f"root={c['root']}",
-        "clip.model=tiny-clip",
-        f"clip.pretrained={c['clip_path']}",
-        f"clip.model_config={TINY_CONFIG}",
-        "decoder=checkpoints/decoder",
-        "upsamplers=[checkpoints/upsampler]",
-        f"decoder_steps={STEPS}",
-        f"upsampler_steps={STEPS}",
-        "device=cpu",
-        *extra,
-    ]
-
-
 def _sample_cfg(c: dict, **changes) -> SampleConfig:
     return configlib.load(
         SampleConfig,
         None,
-        _overrides(c, "prior=checkpoints/prior", f"prior_steps={STEPS}", "batch_size=4")
+        cascade_overrides(c, "prior=checkpoints/prior", f"prior_steps={STEPS}", "batch_size=4")
         + [f"{k}={json.dumps(v)}" for k, v in changes.items()],
     )
 
@@ -296,13 +143,13 @@ def test_without_ema_the_training_weights_load_with_a_log_line(
     cascade_root, tmp_path, caplog
 ) -> None:
     c, storage = cascade_root, Storage()
-    cfg = _decoder_cfg(c["root"])
-    model = _build("train-decoder", cfg, c["info"], 7)
+    cfg = decoder_cfg(c["root"])
+    model = build_model("train-decoder", cfg, c["info"], 7)
     url = write_checkpoint(
         storage, str(tmp_path / "decoder"), "train-decoder", cfg, model, c["info"], ema=False
     )
     plan = plan_cascade(storage, c["root"], decoder=url, clip=c["source"])
-    with caplog.at_level(logging.WARNING, logger="pipeline.cascade"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.generate.cascade"):
         loaded = load_stage_model(storage, plan.decoder)
     assert "has no EMA weights" in caplog.text and url in caplog.text
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
@@ -312,14 +159,14 @@ def test_autoregressive_prior_loads_its_fitted_quantizer_without_fit_data(
     cascade_root, tmp_path
 ) -> None:
     c, storage = cascade_root, Storage()
-    cfg = _prior_cfg(c["root"], "autoregressive")
+    cfg = prior_cfg(c["root"], "autoregressive")
     g = torch.Generator().manual_seed(0)
     fit = {
         "fit_image_emb": torch.nn.functional.normalize(torch.randn(64, 64, generator=g), dim=-1),
         "fit_text_emb": torch.nn.functional.normalize(torch.randn(64, 64, generator=g), dim=-1),
     }
     info = {**c["info"], **{k: v.numpy() for k, v in fit.items()}}
-    model = _build("train-prior", cfg, info, 5)
+    model = build_model("train-prior", cfg, info, 5)
     assert model.fitted
     url = write_checkpoint(storage, str(tmp_path / "ar"), "train-prior", cfg, model, info)
     plan = plan_cascade(
@@ -353,27 +200,27 @@ def test_bad_cascades_are_refused_with_the_url(cascade_root, tmp_path) -> None:
     assert "not a train-decoder one" in refused(decoder="checkpoints/upsampler")
 
     # a prior trained on the store of another CLIP
-    other_cfg = _prior_cfg(root)
+    other_cfg = prior_cfg(root)
     other_info = {**c["info"], "clip": "tiny-clip--ckpt-0123456789ab"}
     other = write_checkpoint(
         storage,
         str(tmp_path / "prior-other"),
         "train-prior",
         other_cfg,
-        _build("train-prior", other_cfg, other_info, 1),
+        build_model("train-prior", other_cfg, other_info, 1),
         other_info,
     )
     message = refused(prior=other)
     assert "different CLIPs" in message and other in message and "tiny-clip--ckpt-0123" in message
 
     # upsamplers that do not chain on from the decoder's 16px
-    up_cfg = _upsampler_cfg(root, HIGH, 64)
+    up_cfg = upsampler_cfg(root, HIGH, 64)
     up = write_checkpoint(
         storage,
         str(tmp_path / "upsampler-64"),
         "train-upsampler",
         up_cfg,
-        _build("train-upsampler", up_cfg, {}, 4),
+        build_model("train-upsampler", up_cfg, {}, 4),
         {},
     )
     message = refused(upsamplers=[up])
@@ -388,8 +235,8 @@ def test_bad_cascades_are_refused_with_the_url(cascade_root, tmp_path) -> None:
     assert plan.resolutions == [SIZE, HIGH, 64]
 
     # a CLIP other than the store's
-    other_clip = _tiny_clip_checkpoint(str(tmp_path / "other-clip.safetensors"), 1)
-    message = refused(clip=ClipSource("tiny-clip", other_clip, TINY_CONFIG))
+    other_clip = tiny_clip_checkpoint(str(tmp_path / "other-clip.safetensors"), 1)
+    message = refused(clip=ClipSource("tiny-clip", other_clip, TINY_CLIP_CONFIG))
     assert "was trained on embeddings of" in message and c["info"]["clip"] in message
     # no CLIP given: the store's manifest names a checkpoint by hash only
     message = refused(clip=None)
@@ -417,7 +264,11 @@ def test_the_store_manifest_can_name_the_clip(cascade_root) -> None:
     c, storage = cascade_root, Storage()
     store = EmbeddingStore(storage, c["info"]["store"])
     manifest = store.manifest()
-    recorded = {"model": "tiny-clip", "pretrained": c["clip_path"], "model_config": TINY_CONFIG}
+    recorded = {
+        "model": "tiny-clip",
+        "pretrained": c["clip_path"],
+        "model_config": TINY_CLIP_CONFIG,
+    }
     storage.write_json(join(store.url, "manifest.json"), {**manifest, "clip_source": recorded})
     try:
         plan = plan_cascade(storage, c["root"], decoder="checkpoints/decoder", clip=None)
@@ -438,7 +289,7 @@ def test_sample_writes_images_grid_and_index(cascade_root, capsys) -> None:
         "--config",
         config,
         "a blue square!",
-        *_overrides(c, "prior=checkpoints/prior", f"prior_steps={STEPS}"),
+        *cascade_overrides(c, "prior=checkpoints/prior", f"prior_steps={STEPS}"),
         "samples_per_prompt=2",
         "output=out/sample",
     ]
@@ -455,10 +306,10 @@ def test_sample_writes_images_grid_and_index(cascade_root, capsys) -> None:
     for name in names:
         image = Image.open(os.path.join(out, name))
         assert image.size == (HIGH, HIGH) and image.mode == "RGB"
-    cell = max(grids.MIN_CELL, HIGH)
+    cell = max(pictures.MIN_CELL, HIGH)
     grid = Image.open(os.path.join(out, "grid.png"))
-    assert grid.size == (2 * cell, 2 * (grids.CAPTION_HEIGHT + cell))
-    caption_band = np.asarray(grid)[: grids.CAPTION_HEIGHT]
+    assert grid.size == (2 * cell, 2 * (pictures.CAPTION_HEIGHT + cell))
+    caption_band = np.asarray(grid)[: pictures.CAPTION_HEIGHT]
     assert (caption_band != 255).any()  # the caption is drawn
     index = _json(os.path.join(out, "index.json"))
     assert [r["file"] for r in index["images"]] == names
@@ -493,11 +344,11 @@ def test_sample_is_deterministic_by_seed(cascade_root) -> None:
 
 def test_sample_errors_are_one_line(cascade_root, capsys) -> None:
     c = cascade_root
-    code = sample_job.main(["a red circle", *_overrides(c, "prior=checkpoints/decoder")])
+    code = sample_job.main(["a red circle", *cascade_overrides(c, "prior=checkpoints/decoder")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
     assert "error: prior: " in err and "not a train-prior one" in err
-    assert sample_job.main([*_overrides(c, "prompts=[]")]) == 1
+    assert sample_job.main([*cascade_overrides(c, "prompts=[]")]) == 1
     assert "no prompts" in capsys.readouterr().err
 
 
@@ -512,7 +363,7 @@ def test_sample_from_s3(cascade_root, s3_bucket, s3_endpoint) -> None:
     make_cascade_root(storage, root, c["clip_path"])
     cfg = _sample_cfg(c, prompts=["a red circle"], samples_per_prompt=1)
     cfg.root, cfg.storage = root, storage.options
-    cfg.clip = ClipSource("tiny-clip", clip_url, TINY_CONFIG)
+    cfg.clip = ClipSource("tiny-clip", clip_url, TINY_CLIP_CONFIG)
     summary = sampling.run_sample(cfg, storage)
     assert summary["grid"] == f"{root}/samples/grid.png"
     image = _png(storage.read_bytes(f"{root}/samples/000_a-red-circle.png"))
@@ -523,18 +374,18 @@ def test_sample_from_s3(cascade_root, s3_bucket, s3_endpoint) -> None:
 
 def test_variations(cascade_root, capsys) -> None:
     c = cascade_root
-    argv = [c["inputs"][0], c["inputs"][1], *_overrides(c, "num=3", "output=out/var")]
+    argv = [c["inputs"][0], c["inputs"][1], *cascade_overrides(c, "num=3", "output=out/var")]
     assert variations_job.main(argv) == 0
     out = os.path.join(c["root"], "out", "var")
     assert f"grid: {out}/grid.png" in capsys.readouterr().out
     files = sorted(f for f in os.listdir(out) if f.endswith(".png") and f != "grid.png")
     assert files == [f"{i:03d}_input{i}_{j:02d}.png" for i in range(2) for j in range(3)]
     assert all(Image.open(os.path.join(out, f)).size == (HIGH, HIGH) for f in files)
-    cell = max(grids.MIN_CELL, HIGH)
+    cell = max(pictures.MIN_CELL, HIGH)
     grid = Image.open(os.path.join(out, "grid.png"))
-    assert grid.size == (4 * cell, 2 * (grids.CAPTION_HEIGHT + cell))
+    assert grid.size == (4 * cell, 2 * (pictures.CAPTION_HEIGHT + cell))
     # the input is the first cell of its row (a flat colour, shown at the output resolution)
-    first = np.asarray(grid)[grids.CAPTION_HEIGHT : grids.CAPTION_HEIGHT + cell, :cell]
+    first = np.asarray(grid)[pictures.CAPTION_HEIGHT : pictures.CAPTION_HEIGHT + cell, :cell]
     assert (first == np.array([230, 30, 30], np.uint8)).all()
     index = _json(os.path.join(out, "index.json"))
     assert index["inputs"] == c["inputs"] and len(index["images"]) == 6
@@ -546,7 +397,7 @@ def test_variations(cascade_root, capsys) -> None:
 
 def test_interpolate(cascade_root, capsys) -> None:
     c = cascade_root
-    argv = [*c["inputs"], *_overrides(c, "num=4", "latent=inverted", "output=out/interp")]
+    argv = [*c["inputs"], *cascade_overrides(c, "num=4", "latent=inverted", "output=out/interp")]
     assert interpolate_job.main(argv) == 0
     out = os.path.join(c["root"], "out", "interp")
     index = _json(os.path.join(out, "index.json"))
@@ -555,11 +406,13 @@ def test_interpolate(cascade_root, capsys) -> None:
     assert [r["file"] for r in index["images"]] == [
         f"{j:03d}_theta-{t:.2f}.png" for j, t in enumerate(thetas)
     ]
-    cell = max(grids.MIN_CELL, HIGH)
+    cell = max(pictures.MIN_CELL, HIGH)
     grid = Image.open(os.path.join(out, "grid.png"))
-    assert grid.size == ((4 + 2) * cell, grids.CAPTION_HEIGHT + cell)  # both inputs at the ends
+    assert grid.size == ((4 + 2) * cell, pictures.CAPTION_HEIGHT + cell)  # both inputs at the ends
     assert sampling.slug("a Blue  square!") == "a-blue-square"
-    assert interpolate_job.main([c["inputs"][0], *_overrides(c)]) == 2  # one image: a bad config
+    assert (
+        interpolate_job.main([c["inputs"][0], *cascade_overrides(c)]) == 2
+    )  # one image: a bad config
     assert "expected two images, got 1" in capsys.readouterr().err
 
 
@@ -571,7 +424,7 @@ def test_textdiff(cascade_root, capsys) -> None:
         "a red: square",
         "--to",
         "yes",
-        *_overrides(c, "num=3", "max_theta=0.4", "output=out/td"),
+        *cascade_overrides(c, "num=3", "max_theta=0.4", "output=out/td"),
     ]
     assert textdiff_job.main(argv) == 0
     out = os.path.join(c["root"], "out", "td")
@@ -579,12 +432,12 @@ def test_textdiff(cascade_root, capsys) -> None:
     assert index["from_caption"] == "a red: square" and index["to_caption"] == "yes"
     assert [r["theta"] for r in index["images"]] == pytest.approx([0, 0.2, 0.4])
     assert len([f for f in os.listdir(out) if f.startswith("000_input0_")]) == 3
-    cell = max(grids.MIN_CELL, HIGH)
+    cell = max(pictures.MIN_CELL, HIGH)
     assert Image.open(os.path.join(out, "grid.png")).size == (
         4 * cell,
-        grids.CAPTION_HEIGHT + cell,
+        pictures.CAPTION_HEIGHT + cell,
     )
-    assert textdiff_job.main([c["inputs"][0], *_overrides(c)]) == 1
+    assert textdiff_job.main([c["inputs"][0], *cascade_overrides(c)]) == 1
     assert "needs both captions" in capsys.readouterr().err
 
 

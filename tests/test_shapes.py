@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.shape_checker import ObjectCheck, check_image, classify_pixels, shape_of
-from pipeline.shapes import (
+from pipeline.data.shape_checker import ObjectCheck, check_image, classify_pixels, shape_of
+from pipeline.data.shapes import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,

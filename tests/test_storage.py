@@ -4,14 +4,14 @@ and errors that name the URL without leaking a credential."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
-import textwrap
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import FAKE_KEY_ID, FAKE_SECRET, Root, free_port
+from conftest import FAKE_KEY_ID, FAKE_SECRET, Root
+from drills import environment
+from helpers import free_port
 
 from pipeline.storage import (
     Secret,
@@ -84,31 +84,13 @@ def test_failed_write_leaves_nothing(storage_root: Root) -> None:
     assert s.list(join(storage_root.url, "out")) == []
 
 
-_KILLED_WRITER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from pipeline.storage import Storage, StorageOptions
-    storage = Storage(StorageOptions(endpoint_url=os.environ.get("TEST_ENDPOINT") or None))
-    mode, url = sys.argv[1], sys.argv[2]
-    if mode == "file":
-        with storage.open_atomic(url) as handle:
-            for _ in range(8):
-                handle.write(os.urandom(1 << 20))
-            handle.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-    else:
-        with storage.commit_dir(url) as staging:
-            storage.write_bytes(staging + "/weights.safetensors", b"w" * 4096)
-            storage.write_json(staging + "/state.json", {"step": 10})
-            os.kill(os.getpid(), signal.SIGKILL)
-    """
-)
-
-
-def _run_killed_writer(root: Root, mode: str, url: str) -> None:
-    env = dict(os.environ, TEST_ENDPOINT=root.storage.options.endpoint_url or "")
+def _run_killed_writer(root: Root, url: str) -> None:
+    env = environment(TEST_ENDPOINT=root.storage.options.endpoint_url or "")
     proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_WRITER, mode, url], env=env, capture_output=True, timeout=120
+        [sys.executable, "-m", "drills.killed_writer", url],
+        env=env,
+        capture_output=True,
+        timeout=120,
     )
     assert proc.returncode == -9, proc.stderr.decode()
 
@@ -116,40 +98,9 @@ def _run_killed_writer(root: Root, mode: str, url: str) -> None:
 def test_writer_killed_before_commit_leaves_no_file(storage_root: Root) -> None:
     s, folder = storage_root.storage, join(storage_root.url, "shards")
     s.write_bytes(join(folder, "done.bin"), b"complete")
-    _run_killed_writer(storage_root, "file", join(folder, "partial.bin"))
+    _run_killed_writer(storage_root, join(folder, "partial.bin"))
     assert not s.exists(join(folder, "partial.bin"))
     assert s.list(folder) == [join(folder, "done.bin")]
-
-
-def test_writer_killed_before_commit_leaves_no_directory(storage_root: Root) -> None:
-    s, runs = storage_root.storage, join(storage_root.url, "checkpoints")
-    with s.commit_dir(join(runs, "step-5")) as staging:
-        s.write_bytes(join(staging, "weights.safetensors"), b"w" * 10)
-    _run_killed_writer(storage_root, "dir", join(runs, "step-10"))
-    assert not s.is_committed(join(runs, "step-10"))
-    assert s.committed_children(runs) == [join(runs, "step-5")]
-    assert s.committed_files(join(runs, "step-5")) == {"weights.safetensors": 10}
-    # the same commit can be made again: the dead writer's leftovers are cleared first
-    with s.commit_dir(join(runs, "step-10")) as staging:
-        s.write_json(join(staging, "state.json"), {"step": 10})
-    assert s.committed_children(runs) == [join(runs, "step-10"), join(runs, "step-5")]
-    assert set(s.committed_files(join(runs, "step-10"))) == {"state.json"}
-
-
-def test_commit_dir_is_all_or_nothing(storage_root: Root) -> None:
-    s, url = storage_root.storage, join(storage_root.url, "ckpt/step-1")
-    with pytest.raises(ValueError, match="half"), s.commit_dir(url) as staging:
-        s.write_bytes(join(staging, "a.bin"), b"a")
-        raise ValueError("half written")
-    assert not s.is_committed(url)
-    assert not s.exists(join(url, "a.bin"))
-    with s.commit_dir(url) as staging:
-        s.write_bytes(join(staging, "a.bin"), b"a")
-        s.write_bytes(join(staging, "nested/b.bin"), b"bb")
-    assert s.committed_files(url) == {"a.bin": 1, "nested/b.bin": 2}
-    assert s.read_bytes(join(url, "nested/b.bin")) == b"bb"
-    with pytest.raises(StorageError, match="already committed"), s.commit_dir(url):
-        pass
 
 
 def _assert_no_credentials(text: str) -> None:

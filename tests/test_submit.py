@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_KEY_ID, FAKE_SECRET, free_port
+from conftest import FAKE_KEY_ID, FAKE_SECRET
+from helpers import free_port, tiny_clip_checkpoint
 
 from jobs import submit as submit_cli
-from pipeline import submit as jobs_api
+from pipeline.cluster import submit as jobs_api
 from pipeline.errors import UserFacingError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -119,13 +120,11 @@ def test_a_wrong_token_is_refused(ray_head, tmp_path, capsys) -> None:
 
 
 def test_embed_then_prior_run_as_ray_jobs_on_s3(ray_head, s3_bucket, tmp_path, monkeypatch, capsys):
-    from test_embed import _tiny_clip_checkpoint
-
-    from pipeline import synth
-    from pipeline.checkpoints import latest_checkpoint
-    from pipeline.embed_store import EmbeddingStore
+    from pipeline.data import synth
+    from pipeline.embed.store import EmbeddingStore
     from pipeline.stage_config import SynthConfig
     from pipeline.storage import Storage, join
+    from pipeline.train.checkpoints import latest_checkpoint
 
     address, token = ray_head.dashboard, ray_head.token
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
@@ -134,7 +133,7 @@ def test_embed_then_prior_run_as_ray_jobs_on_s3(ray_head, s3_bucket, tmp_path, m
     cfg = SynthConfig(root=root, num_samples=48, samples_per_shard=24, image_size=64)
     for shard in range(2):  # written here, without Ray: the jobs are what is under test
         synth.write_shard(storage, cfg.url(cfg.output), shard, cfg)
-    clip = _tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"), 0)
+    clip = tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"), 0)
 
     common = ["--address", address, f"root={root}"]
     code = submit_cli.main(

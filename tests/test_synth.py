@@ -14,16 +14,16 @@ from conftest import Root
 from PIL import Image
 
 from jobs import synth as synth_job
-from pipeline import synth
-from pipeline.errors import UserFacingError
-from pipeline.shape_checker import check_image
-from pipeline.shapes import Scene, parse_caption
-from pipeline.shards import (
+from pipeline.data import synth
+from pipeline.data.shape_checker import check_image
+from pipeline.data.shapes import Scene, parse_caption
+from pipeline.data.shards import (
     completed_shards,
     iter_tar_samples,
     read_ray_dataset,
     shard_urls,
 )
+from pipeline.errors import UserFacingError
 from pipeline.stage_config import SynthConfig
 from pipeline.storage import Storage
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize, tiny_decoder_net
 
 from jobs.entry import CONFIG_DIR
 from pipeline.config import load
 from pipeline.stage_config import DecoderConfig, UpsamplerConfig
+from unclip.adm_unet import AttentionBlock
 from unclip.degradations import (
     add_gaussian_noise,
     anisotropic_blur,
@@ -19,7 +21,6 @@ from unclip.degradations import (
     resize_degrade,
 )
 from unclip.unet import (
-    AttentionBlock,
     DecoderNetConfig,
     DecoderUNet,
     UpsamplerNetConfig,
@@ -30,29 +31,13 @@ EMBED = 16
 
 
 def tiny_decoder_cfg(**kw) -> DecoderNetConfig:
-    base = dict(
-        image_size=16,
-        channels=16,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        head_channels=16,
-        text_context=12,
-        text_width=32,
-        text_depth=1,
-        text_heads=2,
-    )
-    return DecoderNetConfig(**{**base, **kw})
+    """``helpers.tiny_decoder_net`` with three levels and a longer caption."""
+    return tiny_decoder_net(**{"channel_mult": (1, 2, 2), "text_context": 12, **kw})
 
 
-def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give the zero-initialised layers random weights, so every input path reaches the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return net.eval()
+def randomized(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``helpers.randomize`` in eval mode: every input path reaches the output."""
+    return randomize(net, seed).eval()
 
 
 def tokens(*captions: list[int], length: int = 12) -> torch.Tensor:
@@ -83,7 +68,7 @@ def test_decoder_output_shape_and_zero_init(learned_variance: bool) -> None:
     assert out.shape == (2, 6 if learned_variance else 3, 16, 16)
     assert out.dtype == x.dtype
     assert not out.any()  # zero-initialised output conv: a fresh network predicts 0
-    out = randomize(net)(x, t, image_emb=emb, text_tokens=toks)
+    out = randomized(net)(x, t, image_emb=emb, text_tokens=toks)
     assert torch.isfinite(out).all() and out.abs().mean() > 1e-3
 
 
@@ -135,7 +120,7 @@ def test_attention_only_at_configured_resolutions() -> None:
 def test_upsampler_runs_on_crops_and_full_images(learned_variance: bool) -> None:
     torch.manual_seed(0)
     cfg = UpsamplerNetConfig(low_res=16, high_res=64, channels=8, channel_mult=(1, 2, 2))
-    net = randomize(UpsamplerUNet(cfg, learned_variance=learned_variance))
+    net = randomized(UpsamplerUNet(cfg, learned_variance=learned_variance))
     c = 6 if learned_variance else 3
     for size in (cfg.crop_size(), cfg.high_res, 20):  # a crop, the full size, any multiple of 4
         x = torch.randn(2, 3, size, size)
@@ -168,7 +153,7 @@ def test_upsampler_config_checks_crop_divisibility() -> None:
 
 def test_decoder_depends_on_its_conditioning_and_timestep() -> None:
     torch.manual_seed(0)
-    net = randomize(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
+    net = randomized(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
     x, t, emb, toks = decoder_inputs()
     with torch.no_grad():
         base = net(x, t, image_emb=emb, text_tokens=toks)
@@ -181,7 +166,7 @@ def test_decoder_depends_on_its_conditioning_and_timestep() -> None:
 
 def test_drop_masks_make_the_output_independent_of_what_they_drop() -> None:
     torch.manual_seed(0)
-    net = randomize(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=True))
+    net = randomized(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=True))
     x, t, emb, toks = decoder_inputs()
     emb2 = torch.nn.functional.normalize(torch.randn(2, EMBED), dim=-1)
     toks2 = tokens([5, 6, 7, 8, 9], [11])
@@ -203,7 +188,7 @@ def test_drop_masks_make_the_output_independent_of_what_they_drop() -> None:
 
 def test_caption_padding_does_not_change_the_output() -> None:
     torch.manual_seed(0)
-    net = randomize(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
+    net = randomized(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
     x, t, emb, _ = decoder_inputs()
     short = tokens([320, 1000], [9, 8, 7], length=6)
     long = tokens([320, 1000], [9, 8, 7], length=12)
@@ -218,7 +203,7 @@ def test_caption_padding_does_not_change_the_output() -> None:
 
 def test_empty_captions_read_as_a_start_token_with_finite_gradients() -> None:
     torch.manual_seed(0)
-    net = randomize(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
+    net = randomized(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
     x, t, emb, toks = decoder_inputs()
     toks[1] = 0  # an all-padding row would leave the causal encoder's attention rows empty
     out = net(x, t, image_emb=emb, text_tokens=toks)
@@ -233,7 +218,7 @@ def test_empty_captions_read_as_a_start_token_with_finite_gradients() -> None:
 
 def test_decoder_accepts_half_precision_conditioning() -> None:
     torch.manual_seed(0)
-    net = randomize(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
+    net = randomized(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=False))
     x, t, emb, toks = decoder_inputs()
     with torch.no_grad():
         out = net(x, t, image_emb=emb.half(), text_tokens=toks.int())
@@ -248,7 +233,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        net = randomize(
+        net = randomized(
             DecoderUNet(
                 tiny_decoder_cfg(grad_checkpointing=ckpt), embed_dim=EMBED, learned_variance=False
             )
@@ -260,7 +245,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 def test_networks_run_under_bf16_autocast() -> None:
     torch.manual_seed(0)
-    net = randomize(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=True))
+    net = randomized(DecoderUNet(tiny_decoder_cfg(), embed_dim=EMBED, learned_variance=True))
     x, t, emb, toks = decoder_inputs()
     ref = net(x, t, image_emb=emb, text_tokens=toks)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -395,7 +380,7 @@ def test_paper_configs_match_the_paper_sizes(stage: str, yaml: str, paper: float
 def test_nearest_upsampling_matches_interpolate() -> None:
     import torch.nn.functional as F
 
-    from unclip.unet import upsample_nearest2x
+    from unclip.adm_unet import upsample_nearest2x
 
     x = torch.randn(2, 5, 3, 7)
     assert torch.equal(upsample_nearest2x(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -427,7 +412,7 @@ def test_patching_keeps_the_output_size_at_a_fraction_of_the_compute() -> None:
         embed_dim=EMBED,
         learned_variance=True,
     )
-    randomize(patched)
+    randomized(patched)
     out = patched(
         x, torch.tensor([10, 500]), image_emb=torch.randn(2, EMBED), text_tokens=tokens([5], [6])
     )

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.watchdog import PipelineStalled, iter_until_stalled
+from pipeline.cluster.watchdog import PipelineStalled, iter_until_stalled
 
 
 def _describe(seconds: float) -> str:

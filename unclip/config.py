@@ -4,7 +4,7 @@ Each section lives beside the code it configures; defaults are small, the paper'
 2022, appendix C, table 3) are in ``configs/*/paper.yaml``.
 """
 
-from unclip.diffusion import DiffusionConfig
+from unclip.diffusion_process import DiffusionConfig
 from unclip.prior import PriorNetConfig
 from unclip.unet import DecoderNetConfig, UpsamplerNetConfig
 

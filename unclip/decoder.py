@@ -16,9 +16,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from unclip.diffusion import DiffusionConfig, GaussianDiffusion, GuidableFn
+from unclip.diffusion_process import DiffusionConfig
+from unclip.diffusion_sampling import GuidableFn
+from unclip.stage import ImageDiffusionStage, eval_mode
 from unclip.unet import DecoderNetConfig, DecoderUNet
 
 
@@ -30,14 +31,17 @@ def bernoulli(
     return (torch.rand(batch, generator=generator, device=where) < p).to(device)
 
 
-class Decoder(nn.Module):
+class Decoder(ImageDiffusionStage):
     """The decoder stage model: ``loss`` for the trainer, ``sample`` for generation.
 
-    Holds the network as ``net`` and the diffusion process as the plain attribute ``diffusion``.
-    Images are (B, 3, image_size, image_size) in [-1, 1]; image embeddings (B, embed_dim) are
-    L2-normalised here (CLIP embeddings are unit vectors; this also absorbs float16 rounding of the
-    embedding store); caption tokens are open_clip ids (0 = padding).
+    Holds the network as ``net`` and the diffusion process as the plain attribute ``diffusion``
+    (:class:`~unclip.stage.ImageDiffusionStage`). Images are (B, 3, image_size, image_size) in
+    [-1, 1]; image embeddings (B, embed_dim) are L2-normalised here (CLIP embeddings are unit
+    vectors; this also absorbs float16 rounding of the embedding store); caption tokens are
+    open_clip ids (0 = padding).
     """
+
+    cfg: DecoderNetConfig
 
     def __init__(
         self,
@@ -47,20 +51,14 @@ class Decoder(nn.Module):
         embed_dim: int,
         vocab_size: int = 49408,
     ) -> None:
-        super().__init__()
-        self.cfg = net_cfg
-        self.embed_dim = embed_dim
-        self.net = DecoderUNet(
+        net = DecoderUNet(
             net_cfg,
             embed_dim=embed_dim,
             vocab_size=vocab_size,
             learned_variance=diffusion_cfg.learned_variance,
         )
-        self.diffusion = GaussianDiffusion(diffusion_cfg)
-
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        weight = self.net.unet.input_conv.weight
-        return weight.device, weight.dtype
+        super().__init__(net_cfg, net, diffusion_cfg)
+        self.embed_dim = embed_dim
 
     def _inputs(
         self, image_emb: torch.Tensor, text_tokens: torch.Tensor
@@ -94,18 +92,6 @@ class Decoder(nn.Module):
 
         losses = self.diffusion.training_losses(model_fn, image, generator=generator)
         return {name: value.mean() for name, value in losses.items()}
-
-    def loss(
-        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Mean diffusion loss over the batch (:meth:`terms`' "loss")."""
-        return self.terms(batch, generator)["loss"]
-
-    def forward(
-        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """:meth:`loss`, so a ``DistributedDataParallel`` wrapper's ``__call__`` trains it."""
-        return self.loss(batch, generator)
 
     def _guidable(
         self,
@@ -164,26 +150,19 @@ class Decoder(nn.Module):
         Runs the network in eval mode (no dropout) and restores its mode afterwards.
         """
         emb, tokens = self._inputs(image_emb, text_tokens)
-        device = emb.device
         b = emb.shape[0]
         scale = self.diffusion.cfg.guidance_scale if guidance_scale is None else guidance_scale
         fn3 = self._guidable(emb, tokens, drop_image_emb=drop_image_emb, drop_caption=drop_caption)
         size = self.cfg.image_size
-        was_training = self.training
-        self.eval()
-        try:
-            x = self.diffusion.sample(
-                self.diffusion.guided(fn3, scale),
-                (b, 3, size, size),
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                noise=None if noise is None else noise.to(device, torch.float32),
-                generator=generator,
-                device=device,
-            )
-        finally:
-            self.train(was_training)
+        x = self._sample(
+            self.diffusion.guided(fn3, scale),
+            (b, 3, size, size),
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            noise=noise,
+            generator=generator,
+        )
         return x.float().clamp(-1, 1)
 
     @torch.no_grad()
@@ -216,12 +195,8 @@ class Decoder(nn.Module):
             raise ValueError(f"{image.shape[0]} images but {emb.shape[0]} image embeddings")
         scale = self.diffusion.cfg.guidance_scale if guidance_scale is None else guidance_scale
         fn3 = self._guidable(emb, tokens, drop_image_emb=drop_image_emb, drop_caption=drop_caption)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             x = self.diffusion.ddim_invert(
                 self.diffusion.guided(fn3, scale), image.to(device, torch.float32), steps=steps
             )
-        finally:
-            self.train(was_training)
         return x.float()

@@ -12,8 +12,10 @@ manipulations of section 3, as small pure functions of trained stage models and 
   fixed x_T for the row or with the slerp of the two images' DDIM-inverted latents.
 * :func:`text_diff` — section 3.3 (figure 5): rotate z_i towards z_d = normalize(z_t − z_t0), the
   difference of a target and a current caption's text embeddings, decoded from a fixed inverted x_T.
-* Building blocks: :func:`slerp`, :func:`text_diff_direction`, :func:`image_embeddings` (the prior
-  step), :func:`decode`, :func:`upsample`, :func:`invert` (DDIM inversion, Song et al. 2021 §4.3).
+* Building blocks: :func:`image_embeddings` (the prior step), :func:`decode`, :func:`upsample`,
+  :func:`invert` (DDIM inversion, Song et al. 2021 §4.3); the embedding geometry of section 3,
+  :func:`~unclip.sphere.slerp` and :func:`~unclip.sphere.text_diff_direction`, is in
+  :mod:`unclip.sphere`.
 
 Contract of every function: it runs under ``torch.no_grad()``, works on the models' device (inputs
 are moved there, noise is drawn on the generator's device and moved, so a CPU generator gives the
@@ -31,8 +33,7 @@ from an inverted latent to reconstruct the image, pass the same ``steps`` and ``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unclip.decoder import Decoder
+from unclip.diffusion_process import randn
+from unclip.sphere import slerp, text_diff_direction
+from unclip.stage import eval_mode
 from unclip.upsampler import Upsampler, downscale
 
 __all__ = [
@@ -51,9 +55,7 @@ __all__ = [
     "image_embeddings",
     "interpolate",
     "invert",
-    "slerp",
     "text_diff",
-    "text_diff_direction",
     "upsample",
     "variations",
 ]
@@ -101,23 +103,6 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """N(0, I) float32 drawn on the generator's device, then moved to ``device``."""
-    where = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=where).to(device)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the block; the module's mode is restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 def _per_stage(value: Steps, count: int, name: str) -> list[int | None]:
     if value is None or isinstance(value, int):
         return [value] * count
@@ -147,44 +132,6 @@ def _check_rows(name: str, x: Tensor | None, rows: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def slerp(a: Tensor, b: Tensor, t: float | Tensor) -> Tensor:
-    """Spherical linear interpolation along the last dimension (Shoemake 1985), as the paper's
-    interpolations (section 3.2: z_iθ = slerp(z_i1, z_i2, θ); section 3.3: slerp(z_i, z_d, θ)):
-
-        slerp(a, b, t) = sin((1 − t)·Ω)/sin Ω · a + sin(t·Ω)/sin Ω · b,  Ω = ∠(a, b).
-
-    ``a``, ``b``: (..., D); ``t``: a float or a tensor broadcastable against the batch shape
-    (...) of ``a`` and ``b`` (e.g. a (B, 1, D), t (K,) → (B, K, D)). Unit inputs stay on the unit
-    sphere, the angle to ``a`` grows linearly with t, and t = 0 / 1 give ``a`` / ``b`` exactly;
-    inputs of other norms (DDIM latents) are interpolated with the same coefficients. Ω is computed
-    as 2·atan2(‖â − b̂‖, ‖â + b̂‖), accurate for tiny angles (acos of the dot product is not), and
-    where sin Ω < 1e-6 (a ≈ b, or the ill-defined antipodal case) the coefficients fall back to
-    their limit, linear interpolation, so the result is always finite. Computed in float32 or wider.
-    """
-    work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    a = a.to(work)
-    b = b.to(a.device, work)
-    t = torch.as_tensor(t, dtype=work, device=a.device)
-    an, bn = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    omega = 2.0 * torch.atan2((an - bn).norm(dim=-1), (an + bn).norm(dim=-1))
-    omega, t = torch.broadcast_tensors(omega, t)
-    sin_omega = torch.sin(omega)
-    degenerate = sin_omega < 1e-6
-    safe = torch.where(degenerate, torch.ones_like(sin_omega), sin_omega)
-    coef_a = torch.where(degenerate, 1.0 - t, torch.sin((1.0 - t) * omega) / safe)
-    coef_b = torch.where(degenerate, t, torch.sin(t * omega) / safe)
-    return coef_a[..., None] * a + coef_b[..., None] * b
-
-
-def text_diff_direction(text_emb: Tensor, target_text_emb: Tensor) -> Tensor:
-    """The text diff z_d = normalize(z_t − z_t0) (section 3.3): from the CLIP text embedding of a
-    caption describing the current image (z_t0) to that of the target caption (z_t), (B, D) each,
-    both normalised first. Identical captions give the zero vector (no direction)."""
-    z_t0 = F.normalize(text_emb.float(), dim=-1)
-    z_t = F.normalize(target_text_emb.to(z_t0.device).float(), dim=-1)
-    return F.normalize(z_t - z_t0, dim=-1)
 
 
 @torch.no_grad()
@@ -226,7 +173,7 @@ def image_embeddings(
     }
     if temperature is not None:
         kwargs["temperature"] = temperature
-    with _eval_mode(prior):
+    with eval_mode(prior):
         emb = prior.sample(text_emb, text_tokens, **kwargs)
     return F.normalize(emb.float(), dim=-1)
 
@@ -434,7 +381,7 @@ def _decode_rows(
     device = _device(decoder)
     groups = emb.shape[0] // num
     up_noise = [
-        _rows(_randn((groups, 3, side, side), generator, device), num)
+        _rows(randn((groups, 3, side, side), generator, device), num)
         for side in _upsampled_sizes(decoder, upsamplers)
     ]
     low = decode(
@@ -493,7 +440,7 @@ def variations(
     _check_rows("latent", latent, b)
     size = decoder.cfg.image_size
     if latent is None:
-        x_T = _randn((b * num, 3, size, size), generator, _device(decoder))
+        x_T = randn((b * num, 3, size, size), generator, _device(decoder))
     else:
         x_T = _rows(latent.float(), num)
     emb = _rows(F.normalize(image_emb.float(), dim=-1), num)
@@ -550,7 +497,7 @@ def interpolate(
     zb = F.normalize(image_emb_b.to(device).float(), dim=-1)
     emb = slerp(za[:, None], zb[:, None], theta).reshape(b * num, -1)
     if latents is None:
-        x_T = _rows(_randn((b, 3, size, size), generator, device), num)
+        x_T = _rows(randn((b, 3, size, size), generator, device), num)
     elif isinstance(latents, Tensor):
         _check_rows("latents", latents, b)
         x_T = _rows(latents.to(device).float(), num)
@@ -621,7 +568,7 @@ def text_diff(
     z_d = text_diff_direction(text_emb.to(device), target_text_emb.to(device))
     emb = slerp(z_i[:, None], z_d[:, None], theta).reshape(b * num, -1)
     if latent is None:
-        latent = _randn((b, 3, size, size), generator, device)
+        latent = randn((b, 3, size, size), generator, device)
     images = _decode_rows(
         decoder,
         emb,

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip.diffusion import GaussianDiffusion
+from unclip.diffusion_process import DiffusionConfig
 from unclip.fields import param, require
-from unclip.transformer import Transformer
+from unclip.transformer import Transformer, timestep_embedding
 
 CLIP_VOCAB = 49408
 
@@ -113,23 +114,6 @@ class PriorNetConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared with the autoregressive prior
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features (B, dim) of integer timesteps, in float32 (Vaswani et al.; as DDPM).
-
-    ``t`` is in the original range [0, T) even when sampling is respaced (CONTRACTS.md), so one
-    embedding serves every sampling schedule.
-    """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
-    )
-    args = t.to(torch.float32)[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 def uniform(

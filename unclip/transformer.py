@@ -3,13 +3,38 @@
 Pre-LayerNorm residual blocks (as GPT-2 / CLIP / GLIDE use) over ``F.scaled_dot_product_attention``,
 with a causal mask, a key-padding mask, or both. Pure PyTorch, autocast-safe (LayerNorm runs in the
 input's dtype under autocast, which PyTorch keeps in float32).
+
+Also the Transformer's sinusoidal encoding (Vaswani et al. 2017 §3.5) applied to diffusion
+timesteps, :func:`timestep_embedding`: every diffusion network reads t through it, the diffusion
+prior's Transformer (Ramesh et al. 2022 §2.2) and the ADM UNets (:mod:`unclip.adm_unet`) alike, as
+in DDPM (Ho et al. 2020 appendix B).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of (possibly fractional) timesteps, in float32 (Vaswani et al.;
+    as DDPM and ADM). An odd ``dim`` gets a zero last feature.
+
+    ``t`` is in the original range [0, T) even when sampling is respaced (docs/ARCHITECTURE.md), so one
+    embedding serves every sampling schedule.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
 
 
 class Attention(nn.Module):

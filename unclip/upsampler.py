@@ -26,10 +26,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from unclip.degradations import bsr_degrade, gaussian_blur, random_blur
-from unclip.diffusion import DiffusionConfig, GaussianDiffusion
+from unclip.diffusion_process import DiffusionConfig
+from unclip.stage import ImageDiffusionStage
 from unclip.unet import UpsamplerNetConfig, UpsamplerUNet
 
 
@@ -81,21 +81,18 @@ def random_crops(
     ]
 
 
-class Upsampler(nn.Module):
+class Upsampler(ImageDiffusionStage):
     """An upsampler stage model: ``loss`` for the trainer, ``sample`` for generation.
 
-    Holds the network as ``net`` and the diffusion process as the plain attribute ``diffusion``.
+    Holds the network as ``net`` and the diffusion process as the plain attribute ``diffusion``
+    (:class:`~unclip.stage.ImageDiffusionStage`).
     """
 
-    def __init__(self, net_cfg: UpsamplerNetConfig, diffusion_cfg: DiffusionConfig) -> None:
-        super().__init__()
-        self.cfg = net_cfg
-        self.net = UpsamplerUNet(net_cfg, learned_variance=diffusion_cfg.learned_variance)
-        self.diffusion = GaussianDiffusion(diffusion_cfg)
+    cfg: UpsamplerNetConfig
 
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        weight = self.net.unet.input_conv.weight
-        return weight.device, weight.dtype
+    def __init__(self, net_cfg: UpsamplerNetConfig, diffusion_cfg: DiffusionConfig) -> None:
+        net = UpsamplerUNet(net_cfg, learned_variance=diffusion_cfg.learned_variance)
+        super().__init__(net_cfg, net, diffusion_cfg)
 
     def corrupt(self, low: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Training-time noise-conditioning augmentation of low-res images (section 2.1)."""
@@ -135,18 +132,6 @@ class Upsampler(nn.Module):
         losses = self.diffusion.training_losses(model_fn, target, generator=generator)
         return {name: value.mean() for name, value in losses.items()}
 
-    def loss(
-        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Mean diffusion loss over the batch (:meth:`terms`' "loss")."""
-        return self.terms(batch, generator)["loss"]
-
-    def forward(
-        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """:meth:`loss`, so a ``DistributedDataParallel`` wrapper's ``__call__`` trains it."""
-        return self.loss(batch, generator)
-
     @torch.no_grad()
     def sample(
         self,
@@ -179,21 +164,15 @@ class Upsampler(nn.Module):
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.net(x_t, t, low_res=cond)
 
-        was_training = self.training
-        self.eval()
-        try:
-            x = self.diffusion.sample(
-                model_fn,
-                (b, 3, *size),
-                sampler=sampler,
-                steps=steps,
-                eta=eta,
-                noise=None if noise is None else noise.to(device, torch.float32),
-                generator=generator,
-                device=device,
-            )
-        finally:
-            self.train(was_training)
+        x = self._sample(
+            model_fn,
+            (b, 3, *size),
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            noise=noise,
+            generator=generator,
+        )
         if self.cfg.residual:
             x = from_residual(x, cond)
         return x.float().clamp(-1, 1)

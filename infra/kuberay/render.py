@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # this checkout's jobs/ (the command table)
+
+from jobs.commands import COMMANDS  # noqa: E402
+
 RAY_VERSION = "2.60.0"
 DEFAULT_IMAGE = "REGISTRY/unclip:0.1.0"
 DEFAULT_ROOT = "s3://BUCKET/unclip"
@@ -59,10 +64,11 @@ HEAD = NodeShape(cpu=8, memory="32Gi", shm="8Gi")
 
 @dataclass(frozen=True)
 class StageJob:
-    """A stage's RayJob: its entrypoint and the workers it needs."""
+    """A stage's RayJob: the command it runs (``jobs.commands``), with which config, and the
+    workers it needs."""
 
     name: str
-    module: str
+    command: str
     config: str
     nodes: int
     shape: NodeShape
@@ -70,7 +76,8 @@ class StageJob:
     note: str = ""
 
     def entrypoint(self, root: str) -> str:
-        args = ["python", "-m", f"jobs.{self.module}", "--config", self.config, f"root={root}"]
+        module = COMMANDS[self.command].module
+        args = ["python", "-m", f"jobs.{module}", "--config", self.config, f"root={root}"]
         return shlex.join([*args, *self.overrides])
 
 
@@ -89,13 +96,13 @@ STAGES: tuple[StageJob, ...] = (
     StageJob(
         "embed", "embed", "configs/embed/paper.yaml", 1, GPU8, (), "one encoder actor per GPU"
     ),
-    StageJob("train-prior", "train_prior", "configs/prior/paper.yaml", 1, GPU8, (), "8 GPUs"),
+    StageJob("train-prior", "train-prior", "configs/prior/paper.yaml", 1, GPU8, (), "8 GPUs"),
     StageJob(
-        "train-decoder", "train_decoder", "configs/decoder/paper.yaml", 8, GPU8, (), "64 GPUs"
+        "train-decoder", "train-decoder", "configs/decoder/paper.yaml", 8, GPU8, (), "64 GPUs"
     ),
     StageJob(
         "train-upsampler-256",
-        "train_upsampler",
+        "train-upsampler",
         "configs/upsampler/paper-256.yaml",
         4,
         GPU8,
@@ -104,7 +111,7 @@ STAGES: tuple[StageJob, ...] = (
     ),
     StageJob(
         "train-upsampler-1024",
-        "train_upsampler",
+        "train-upsampler",
         "configs/upsampler/paper-1024.yaml",
         4,
         GPU8,

@@ -25,8 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.shards import completed_shards, read_parquet_rows
 from pipeline.errors import UserFacingError
-from pipeline.shards import completed_shards, read_parquet_rows
 from pipeline.stage_config import IngestConfig
 from pipeline.storage import Storage, basename, join, patched_environ
 
@@ -63,9 +63,9 @@ def detect_format(storage: Storage, url: str) -> str:
 def _distributor(cfg: IngestConfig) -> str:
     if cfg.distributor != "auto":
         return cfg.distributor
-    from pipeline import cluster
+    from pipeline.cluster.connect import joins_cluster
 
-    return "ray" if cluster.joins_cluster(cfg.ray) else "multiprocessing"
+    return "ray" if joins_cluster(cfg.ray) else "multiprocessing"
 
 
 def _download(cfg: IngestConfig, storage: Storage, url_list: str, fmt: str, mode: str) -> None:
@@ -79,9 +79,9 @@ def _download(cfg: IngestConfig, storage: Storage, url_list: str, fmt: str, mode
 
     distributor = _distributor(cfg)
     if distributor == "ray":
-        from pipeline import cluster
+        from pipeline.cluster.connect import connect
 
-        cluster.connect(cfg.ray)
+        connect(cfg.ray)
     # img2dataset opens storage with plain fsspec, which reads the standard AWS variables
     with patched_environ(storage.aws_environment()):
         img2dataset.download(

@@ -1,7 +1,7 @@
 """Does an image show the coloured shapes its caption asks for? A geometric checker, no network.
 
 The evaluator asks this of generated images (64 px, blurry) for prompts parsed with
-:func:`pipeline.shapes.parse_caption`; the tests ask it of the dataset's own JPEGs. For each asked
+:func:`pipeline.data.shapes.parse_caption`; the tests ask it of the dataset's own JPEGs. For each asked
 ``(color, shape)``:
 
 1. **Colour.** Every pixel gets a palette colour or "background" (:func:`classify_pixels`): its hue
@@ -17,7 +17,7 @@ The evaluator asks this of generated images (64 px, blurry) for prompts parsed w
    above chroma; where an object and its background have the same luma, chroma decides alone).
    The refined outline is the pixels at least half covered.
 3. **Shape.** The outline is compared (intersection over union) with each shape's template fitted to
-   its bounding box, the shapes exactly as :mod:`pipeline.shapes` draws them (:func:`shape_of`).
+   its bounding box, the shapes exactly as :mod:`pipeline.data.shapes` draws them (:func:`shape_of`).
    Each template also comes blurred by ``_BLUR_SIGMAS`` (those small next to the region) and
    re-thresholded at one half, which is what blur does to an outline (a star's points shrink, a
    square's corners round); a shape scores its best match, and the best shape wins.
@@ -41,8 +41,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# _shape_polygons: the renderer's own outlines, so the templates match the dataset exactly.
-from pipeline.shapes import COLORS, SHAPES, _shape_polygons
+# shape_polygons: the renderer's own outlines, so the templates match the dataset exactly.
+from pipeline.data.shapes import COLORS, SHAPES, shape_polygons
 
 _MIN_AREA_FRACTION = 0.015  # a colour counts as present from 1.5% of the image (a small star: ~3%)
 _CHROMA_FRACTION = 0.45  # pixel chroma over its palette colour's chroma to count as that colour
@@ -294,7 +294,7 @@ def _template(shape: str, width: int, height: int, sigma: float) -> np.ndarray:
     """``shape`` as drawn by the renderer, blurred by ``sigma`` px, thresholded at one half, and
     scaled so that the thresholded outline fills a ``width`` x ``height`` box (as a region does)."""
     scale = max(1, min(8, 256 // max(width, height)))
-    polygons = _shape_polygons(shape, 0.5, 0.5, 1.0)
+    polygons = shape_polygons(shape, 0.5, 0.5, 1.0)
     points = np.concatenate([np.asarray(p) for p in polygons])
     lo, hi = points.min(axis=0), points.max(axis=0)
     pad = int(np.ceil(3 * sigma * scale)) + 2

@@ -3,7 +3,7 @@
 A tiny text-to-image cascade has to learn something in minutes on a CPU, and an evaluator has to
 tell whether a generated image follows its prompt without a second neural network. Both ask for the
 same data: a handful of saturated colours, five shapes whose outlines differ in simple geometric
-features (:mod:`pipeline.shape_checker` reads them back), neutral backgrounds that never look like an
+features (:mod:`pipeline.data.shape_checker` reads them back), neutral backgrounds that never look like an
 object colour, and captions that always name every object's colour and shape and are true of the
 pixels whenever they say more (sizes, positions, relations, backgrounds).
 
@@ -442,7 +442,7 @@ def _layout_ok(objects: tuple[ShapeObject, ...], offsets: list[tuple[float, floa
     return True
 
 
-def _shape_polygons(
+def shape_polygons(
     shape: str, cx: float, cy: float, side: float
 ) -> list[list[tuple[float, float]]]:
     """Polygons (pixel coordinates) whose union is the shape; a circle is a 96-gon."""
@@ -506,6 +506,6 @@ def render(scene: Scene, size: int) -> np.ndarray:
         cx, cy = POSITIONS[obj.position]
         # PIL fills pixel (i, j) when its centre (i + 0.5, j + 0.5) is inside: shift by half a pixel.
         px, py = (cx + offset[0]) * big - 0.5, (cy + offset[1]) * big - 0.5
-        for polygon in _shape_polygons(obj.shape, px, py, SIZES[obj.size] * big):
+        for polygon in shape_polygons(obj.shape, px, py, SIZES[obj.size] * big):
             draw.polygon(polygon, fill=COLORS[obj.color])
     return np.asarray(image.reduce(scale))

@@ -1,7 +1,7 @@
 """The captioned-shapes dataset as webdataset shards, generated in parallel on Ray.
 
 Each shard is a Ray Data task (so the usual progress bar shows), each image a deterministic function
-of the seed and its index (``pipeline.shapes``), so the same config gives the same bytes whatever the
+of the seed and its index (``pipeline.data.shapes``), so the same config gives the same bytes whatever the
 parallelism. A rerun skips complete shards; a rerun with a different config is refused rather than
 mixed into the same folder.
 """
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.data.shapes import render, sample_scene
+from pipeline.data.shards import ShardWriter, completed_shards, sample_key
 from pipeline.errors import UserFacingError
-from pipeline.shapes import render, sample_scene
-from pipeline.shards import ShardWriter, completed_shards, sample_key
 from pipeline.stage_config import SynthConfig
 from pipeline.storage import Storage, join
 
@@ -94,7 +94,7 @@ def _content(cfg: SynthConfig) -> dict[str, Any]:
 
 
 def scene_options(storage: Storage, shards_url: str) -> dict[str, Any]:
-    """The :func:`pipeline.shapes.sample_scene` options a synthetic dataset at ``shards_url`` was
+    """The :func:`pipeline.data.shapes.sample_scene` options a synthetic dataset at ``shards_url`` was
     drawn with (objects per image, backgrounds, positions, sizes), read from its summary; empty when
     the folder holds no synthetic dataset. Evaluation draws its held-out prompts with these, so they
     speak the training captions' language."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import PROJECT_ROOT
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import ClipSource
 from pipeline.storage import Storage, is_local
@@ -50,7 +51,8 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _is_path(pretrained: str) -> bool:
+def is_checkpoint_path(pretrained: str) -> bool:
+    """Whether a ``pretrained`` value names a checkpoint file rather than an open_clip tag."""
     return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
@@ -68,7 +70,7 @@ def _model_config_path(path: str) -> str | None:
     path = path[len("file://") :] if path.startswith("file://") else path
     candidates = [path]
     if not os.path.isabs(path):
-        candidates.append(os.path.join(os.path.dirname(os.path.dirname(__file__)), path))
+        candidates.append(os.path.join(PROJECT_ROOT, path))
     return next((c for c in candidates if os.path.exists(c)), None)
 
 
@@ -96,7 +98,7 @@ def checkpoint_url(source: ClipSource, storage: Storage, root: str) -> str | Non
     """The URL of the weights file ``source.pretrained`` names, or None when it is an open_clip
     tag or unset. Relative paths are under the stage's root; a checkpoint folder (a train-clip run)
     resolves to its latest committed checkpoint's weights."""
-    if not source.pretrained or not _is_path(source.pretrained):
+    if not source.pretrained or not is_checkpoint_path(source.pretrained):
         return None
     from pipeline.storage import resolve
 
@@ -140,8 +142,8 @@ def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> str |
 
 def latest_clip_weights(storage: Storage, run_url: str) -> str:
     """The open_clip weights (``clip.safetensors``) of a train-clip run's latest whole checkpoint."""
-    from pipeline.checkpoints import latest_checkpoint
     from pipeline.storage import join
+    from pipeline.train.checkpoints import latest_checkpoint
 
     weights = join(latest_checkpoint(storage, run_url), "clip.safetensors")
     if not storage.exists(weights):
@@ -248,6 +250,19 @@ def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -
         context_length=int(tokenizer.context_length),
         embed_dim=embed_dim,
     )
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def tokenizer(source: ClipSource) -> Any:
+    """``source``'s open_clip tokenizer, made once per process (Ray Data calls this per batch)."""
+    if source.model not in _TOKENIZERS:
+        import open_clip
+
+        register_model_config(source)
+        _TOKENIZERS[source.model] = open_clip.get_tokenizer(source.model)
+    return _TOKENIZERS[source.model]
 
 
 def prepare_image(image_transform: Any, image: Any) -> np.ndarray:

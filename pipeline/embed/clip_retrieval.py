@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import clip_model
-from pipeline.embed import MAX_KEYS_PER_REASON, store_header
-from pipeline.embed_store import EmbeddingStore, to_table
+from pipeline.embed import clip_model
+from pipeline.embed.job import MAX_KEYS_PER_REASON, store_header
+from pipeline.embed.store import EmbeddingStore, to_table
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import EmbedConfig
 from pipeline.storage import Storage, basename, join
@@ -67,8 +67,7 @@ def import_folder(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
             f"{folder}: part {missing[0]} has img_emb but no text_emb_{missing[0]}.npy or "
             f"metadata_{missing[0]}.parquet (the prior needs text embeddings and captions)"
         )
-    clip_model.register_model_config(cfg.clip)
-    tokenizer = open_clip.get_tokenizer(cfg.clip.model)
+    tokenizer = clip_model.tokenizer(cfg.clip)
     context = int(tokenizer.context_length)
     expected_dim = None
     if cfg.clip.model in open_clip.list_models():

@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import clip_model
-from pipeline.embed_store import EmbeddingStore, source_name, to_table
+from pipeline.cluster.watchdog import iter_until_stalled
+from pipeline.data.shards import completed_shards, iter_tar_samples, shard_urls
+from pipeline.embed import clip_model
+from pipeline.embed.store import EmbeddingStore, source_name, to_table
 from pipeline.errors import UserFacingError
-from pipeline.shards import completed_shards, iter_tar_samples, shard_urls
 from pipeline.stage_config import ClipSource, EmbedConfig
 from pipeline.storage import Storage, join
-from pipeline.watchdog import iter_until_stalled
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,6 @@ class ReadSpec:
     image_transform: Any
     image_size: int
     context_length: int
-
-
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def _tokenizer(source: ClipSource) -> Any:
-    if source.model not in _TOKENIZERS:
-        import open_clip
-
-        clip_model.register_model_config(source)
-        _TOKENIZERS[source.model] = open_clip.get_tokenizer(source.model)
-    return _TOKENIZERS[source.model]
 
 
 def _end_row(spec: ReadSpec, name: str, report: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +70,7 @@ def read_shard(spec: ReadSpec, tar_url: str) -> Iterator[dict[str, Any]]:
     from PIL import Image
 
     name = source_name(tar_url)
-    tokenizer = _tokenizer(spec.clip)
+    tokenizer = clip_model.tokenizer(spec.clip)
     skipped: Counter = Counter()
     skipped_keys: dict[str, list[str]] = defaultdict(list)
     good = 0

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.shards import iter_tar_samples, shard_urls
 from pipeline.errors import UserFacingError
-from pipeline.shards import iter_tar_samples, shard_urls
 from pipeline.storage import Storage, basename, join
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ and attribute accuracy on the captioned-shapes dataset. CPU-friendly, no network
 * **Inception features** from a local torchvision Inception-v3 weights file: the user gives the file,
   nothing is downloaded (:func:`load_inception`).
 * **Attribute accuracy**: for the captioned-shapes dataset, whether each ``(color, shape)`` a prompt
-  names is in the generated image, read by the geometric :mod:`pipeline.shape_checker`.
+  names is in the generated image, read by the geometric :mod:`pipeline.data.shape_checker`.
 
 Everything takes numpy arrays or tensors and returns plain floats, arrays or dicts; reading images,
 running CLIP and writing results are the eval job's business.
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.data.shape_checker import check_image
+from pipeline.data.shapes import parse_caption
 from pipeline.errors import UserFacingError
-from pipeline.shape_checker import check_image
-from pipeline.shapes import parse_caption
 
 __all__ = [
     "INCEPTION_FEATURE_DIM",
@@ -313,9 +313,9 @@ def attribute_accuracy(
 ) -> dict[str, Any]:
     """How often the ``(color, shape)`` objects named by each caption are in its image.
 
-    Each caption is parsed with :func:`pipeline.shapes.parse_caption` and its image (HxWx3 uint8,
-    :func:`pipeline.grids.to_uint8` for generated ones) checked with
-    :func:`pipeline.shape_checker.check_image`. Returns:
+    Each caption is parsed with :func:`pipeline.data.shapes.parse_caption` and its image (HxWx3 uint8,
+    :func:`pipeline.pictures.to_uint8` for generated ones) checked with
+    :func:`pipeline.data.shape_checker.check_image`. Returns:
 
     * ``color``: the fraction of named objects whose colour is present;
     * ``shape``: the fraction whose colour is present as the named shape (so ``shape <= color``);

@@ -4,7 +4,7 @@ from a prior (diffusion, and autoregressive when one is given).
 
 Every conditioning draws the same prompts with the same seed through the same decoder and
 upsamplers (``unclip.generation.generate``), and is scored on its final (highest-resolution)
-images with ``pipeline.metrics``:
+images with ``pipeline.eval.metrics``:
 
 * **CLIP score**: the generated images encoded by the CLIP that made the decoder's embedding store,
   against the prompts' text embeddings by the same CLIP;
@@ -14,7 +14,7 @@ images with ``pipeline.metrics``:
   at the generated resolution, when ``inception_weights`` names a local file (skipped, with a
   note, otherwise);
 * **attribute accuracy**: for the captioned-shapes dataset, whether the colour and the shape each
-  prompt names are in its image (:func:`pipeline.metrics.attribute_accuracy`), on the final images
+  prompt names are in its image (:func:`pipeline.eval.metrics.attribute_accuracy`), on the final images
   and on the decoder's 64px ones, for prompts like the training captions and, separately, for
   prompts naming a held-out colour-shape pair (``heldout_pairs``: the generalisation test).
 
@@ -31,7 +31,6 @@ their steps, timings), ``report.md`` (a table, what each metric means, links to 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -46,50 +45,46 @@ import torch
 from torch import nn
 
 from pipeline import config as configlib
-from pipeline import grids, metrics
-from pipeline.cascade import (
-    PRIOR,
-    Cascade,
-    StageCheckpoint,
-    _check_same_clip,
-    find_checkpoint,
-    load_cascade,
-    load_stage_model,
-    plan_cascade,
-)
-from pipeline.embed_store import (
+from pipeline import pictures
+from pipeline.cascade_config import EvalConfig
+from pipeline.data.shapes import sample_scene
+from pipeline.data.synth import scene_options
+from pipeline.embed.store import (
     EmbeddingStore,
     column_array,
     decode_image,
     iter_shard_with_embeddings,
 )
 from pipeline.errors import UserFacingError
-from pipeline.shapes import sample_scene
-from pipeline.stage_config import EvalConfig
+from pipeline.eval import metrics
+from pipeline.eval.report import (
+    HELDOUT,
+    METRIC_DOCS,
+    TRAIN,
+    json_safe,
+    lookup,
+    markdown_report,
+    ordered,
+    plot_png,
+    rounded,
+)
+from pipeline.generate.cascade import (
+    PRIOR,
+    Cascade,
+    StageCheckpoint,
+    check_same_clip,
+    find_checkpoint,
+    load_cascade,
+    load_stage_model,
+)
+from pipeline.generate.sampling import plan_for
 from pipeline.storage import Storage, basename, is_local, join
-from pipeline.synth import scene_options
 from unclip import generation
 
 log = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "metrics.png"
-TRAIN, HELDOUT = "train", "heldout"
 GRID_WIDTH = 256  # the least width of a grid row, for its caption
-
-METRIC_DOCS: dict[str, str] = {
-    "CLIP score": "100 × the cosine between each generated image's CLIP image embedding and its "
-    "prompt's CLIP text embedding (the store's CLIP), averaged; higher follows the prompt better",
-    "FD (CLIP)": "Fréchet distance between the generated and the real images' CLIP image "
-    "embeddings (the first prompt set); lower is closer to the data",
-    "FID": "the same on Inception-v3 pool features at the final resolution (torchvision's "
-    "weights: comparable between runs of this project, not with published FIDs)",
-    "colour, shape": "of the (colour, shape) objects a prompt names, the fraction whose colour is "
-    "in the image, and whose colour is drawn as the named shape (a geometric checker; prompts "
-    "that name none are left out)",
-    "held-out": "the same on prompts that name a colour-shape pair the training data left out",
-    "@64px": "the same on the decoder's output (64px in the paper), before the upsamplers",
-}
-
 
 # ----------------------------------------------------------------------------------------------
 # Prompts and real images
@@ -158,9 +153,9 @@ def draw_store_rows(store: EmbeddingStore, count: int, seed: int) -> StoreRows:
 def heldout_prompts(
     pairs: frozenset[tuple[str, str]], count: int, seed: int, **scene_options: Any
 ) -> list[str]:
-    """Captions of ``count`` captioned-shapes scenes (:func:`pipeline.shapes.sample_scene`), each
+    """Captions of ``count`` captioned-shapes scenes (:func:`pipeline.data.shapes.sample_scene`), each
     with at least one ``(colour, shape)`` of ``pairs``: pairs the training split never shows.
-    ``scene_options`` (:func:`pipeline.synth.scene_options`) match the training data's objects,
+    ``scene_options`` (:func:`pipeline.data.synth.scene_options`) match the training data's objects,
     backgrounds, positions and sizes, so that only the pair is new."""
     return [
         sample_scene(seed, i, require_pairs=pairs, **scene_options).caption for i in range(count)
@@ -250,18 +245,11 @@ def _open(cfg: EvalConfig, storage: Storage) -> tuple[Cascade, dict[str, Prior]]
     """Plan (check) and load the cascade with ``prior``, and ``ar_prior`` beside it."""
     names = cfg.selected()
     first = cfg.prior if "prior" in names else None
-    plan = plan_cascade(
-        storage,
-        cfg.root,
-        decoder=cfg.decoder,
-        prior=first,
-        upsamplers=cfg.upsamplers,
-        clip=cfg.clip,
-    ).with_samplers(cfg.decoder_sampler, cfg.upsampler_sampler)
+    plan = plan_for(cfg, storage, first)
     second = None
     if "ar_prior" in names:
         second = find_checkpoint(storage, cfg.url(cfg.ar_prior), PRIOR, "ar_prior")
-        _check_same_clip(second, plan.decoder)
+        check_same_clip(second, plan.decoder)
     cascade = load_cascade(plan, storage, cfg.device)
     priors = {}
     if plan.prior is not None:
@@ -345,8 +333,8 @@ def generate_rows(
             upsampler_steps=cfg.upsampler_steps,
             generator=generator,
         )
-        finals.append(grids.to_uint8(result.final))
-        lows.append(grids.to_uint8(result.images[0]))
+        finals.append(pictures.to_uint8(result.final))
+        lows.append(pictures.to_uint8(result.images[0]))
         encoded = time.perf_counter()
         embs.append(cascade.encode_images(_as_pil(finals[-1])).cpu().numpy())
         spent["generate"] += encoded - began
@@ -367,199 +355,6 @@ def _frechet(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
     if a is None or b is None or len(a) < 2 or len(b) < 2:
         return None
     return metrics.frechet_distance_features(a, b)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures and the Markdown report
-
-
-def _fit(text: str, font: Any, width: int) -> str:
-    while text and font.getlength(text) > width:
-        text = text[:-1]
-    return text
-
-
-_BAR_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
-
-
-def bar_chart_png(
-    groups: Sequence[str],
-    panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[float | None]]], float]],
-    panel_size: tuple[int, int] = (520, 360),
-) -> bytes:
-    """Grouped bar charts side by side, drawn with Pillow as :mod:`pipeline.plots` draws loss
-    curves: each panel ``(title, [(series name, one value per group)], axis maximum)``; missing
-    (None or NaN) values are left as gaps marked "-"."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    width, height = panel_size
-    image = Image.new("RGB", (width * len(panels), height), "white")
-    draw = ImageDraw.Draw(image)
-    for p, (title, series, top_value) in enumerate(panels):
-        x0 = p * width
-        left, right, top, bottom = x0 + 50, x0 + width - 15, 50, height - 40
-        draw.text((left, 8), title, fill="black")
-        x = left
-        for s, (name, _) in enumerate(series):
-            color = _BAR_COLORS[s % len(_BAR_COLORS)]
-            draw.rectangle([x, 27, x + 10, 37], fill=color)
-            draw.text((x + 14, 26), name, fill="black")
-            x += 14 + int(draw.textlength(name)) + 14
-        for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-            y = bottom - frac * (bottom - top)
-            draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-            draw.text((x0 + 6, y - 6), f"{top_value * frac:.3g}", fill="black")
-        draw.rectangle([left, top, right, bottom], outline="black")
-        group_width = (right - left) / max(len(groups), 1)
-        bar = group_width * 0.8 / max(len(series), 1)
-        for g, group in enumerate(groups):
-            gx = left + g * group_width + group_width * 0.1
-            for s, (_, values) in enumerate(series):
-                value, bx = values[g], gx + s * bar
-                if value is None or not math.isfinite(value):
-                    draw.text((bx + bar / 2 - 3, bottom - 14), "-", fill="gray")
-                    continue
-                y = bottom - min(max(value / top_value, 0.0), 1.0) * (bottom - top)
-                draw.rectangle([bx, y, bx + bar - 2, bottom], fill=_BAR_COLORS[s % 5])
-            label = _fit(group, font, int(group_width) - 4)
-            draw.text((left + g * group_width + 2, bottom + 8), label, fill="black")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _get(entry: dict[str, Any] | None, *path: str) -> Any:
-    for key in path:
-        if not isinstance(entry, dict):
-            return None
-        entry = entry.get(key)
-    return entry
-
-
-def _ordered(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The report's conditionings in the order evaluated (JSON files sort their keys)."""
-    return [(name, report["conditionings"][name]) for name in report["order"]]
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe data: NaN and infinities as null, numpy scalars as Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _columns(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
-    """The Markdown table's columns: (header, path into a conditioning's entry, format)."""
-    low = f"@{report['resolutions'][0]}px"
-    held = HELDOUT in report["prompts"]
-    columns = [
-        ("CLIP score", ("sets", TRAIN, "clip_score"), "score"),
-        ("CLIP score, held-out", ("sets", HELDOUT, "clip_score"), "score"),
-        ("FD (CLIP)", ("fd_clip",), "distance"),
-        ("FID", ("fid",), "distance"),
-        ("colour", ("sets", TRAIN, "attributes", "color"), "pct"),
-        ("shape", ("sets", TRAIN, "attributes", "shape"), "pct"),
-        ("held-out colour", ("sets", HELDOUT, "attributes", "color"), "pct"),
-        ("held-out shape", ("sets", HELDOUT, "attributes", "shape"), "pct"),
-        (f"shape {low}", ("sets", TRAIN, "attributes_decoder", "shape"), "pct"),
-        (f"held-out shape {low}", ("sets", HELDOUT, "attributes_decoder", "shape"), "pct"),
-    ]
-    return [c for c in columns if held or "held-out" not in c[0]]
-
-
-def _format(value: Any, kind: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if kind == "pct":
-        return f"{100 * value:.0f}%"
-    if kind == "score":
-        return f"{value:.1f}"
-    return f"{value:.4g}"
-
-
-def markdown_report(report: dict[str, Any]) -> str:
-    """``report.md``: what was evaluated, one table row per conditioning (and the real images),
-    what each column means, the notes, and links to the pictures."""
-    checkpoints = report["checkpoints"]
-    stages = [f"decoder `{checkpoints['decoder']['url']}` (step {checkpoints['decoder']['step']})"]
-    stages += [f"upsampler `{u['url']}` (step {u['step']})" for u in checkpoints["upsamplers"]]
-    for key in ("prior", "ar_prior"):
-        if checkpoints.get(key):
-            stages.append(f"{key} `{checkpoints[key]['url']}` (step {checkpoints[key]['step']})")
-    prompts = report["prompts"]
-    sets = [f"{len(prompts[TRAIN])} prompts ({report['prompt_sources'][TRAIN]})"]
-    if HELDOUT in prompts:
-        pairs = ", ".join(report["config"]["heldout_pairs"])
-        sets.append(f"{len(prompts[HELDOUT])} held-out prompts (each names one of: {pairs})")
-    sides = " → ".join(f"{side}px" for side in report["resolutions"])
-    columns = _columns(report)
-    lines = [
-        "# unCLIP evaluation: the decoder's conditionings compared (DALL-E 2 §5.1, figure 7)",
-        "",
-        f"Checkpoints: {'; '.join(stages)}. CLIP: `{checkpoints['clip']}`.",
-        "",
-        f"{' and '.join(sets)}; {report['config']['samples_per_prompt']} image(s) per prompt, "
-        f"seed {report['config']['seed']}, {sides}; {report['real']['images']} real images.",
-        "",
-        "| conditioning | " + " | ".join(header for header, _, _ in columns) + " |",
-        "|---|" + "---:|" * len(columns),
-    ]
-    for _, entry in [*_ordered(report), ("real", report["real"])]:
-        cells = [_format(_get(entry, *path), kind) for _, path, kind in columns]
-        lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "What the columns mean:", ""]
-    low = f"@{report['resolutions'][0]}px"
-    docs = {(low if name == "@64px" else name): doc for name, doc in METRIC_DOCS.items()}
-    lines += [f"- **{name}**: {doc}." for name, doc in docs.items()]
-    if report["notes"]:
-        lines += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
-    links = " · ".join(f"[{entry['label']}]({entry['grid']})" for _, entry in _ordered(report))
-    lines += [
-        "",
-        f"![attribute accuracy and CLIP score per conditioning]({report['plot']})",
-        "",
-        f"Sample grids, one row per prompt: {links}",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_png(report: dict[str, Any]) -> bytes:
-    """Bars of attribute accuracy and CLIP score per conditioning (and the real images)."""
-    entries = [*_ordered(report), ("real", report["real"])]
-    groups = [name for name, _ in entries]
-    held = HELDOUT in report["prompts"]
-
-    def values(*path: str) -> list[float | None]:
-        return [_get(entry, *path) for _, entry in entries]
-
-    accuracy = [
-        ("colour", values("sets", TRAIN, "attributes", "color")),
-        ("shape", values("sets", TRAIN, "attributes", "shape")),
-    ]
-    scores = [("prompts", values("sets", TRAIN, "clip_score"))]
-    if held:
-        accuracy += [
-            ("held-out colour", values("sets", HELDOUT, "attributes", "color")),
-            ("held-out shape", values("sets", HELDOUT, "attributes", "shape")),
-        ]
-        scores.append(("held-out", values("sets", HELDOUT, "clip_score")))
-    finite = [v for _, vs in scores for v in vs if v is not None and math.isfinite(v)]
-    top = max(10.0, 10.0 * math.ceil(max(finite, default=100.0) * 1.1 / 10))
-    return bar_chart_png(
-        groups,
-        [
-            ("attribute accuracy (final images)", accuracy, 1.0),
-            ("CLIP score (100 x cosine)", scores, min(top, 100.0)),
-        ],
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,7 +392,7 @@ def _grid(
         for i, prompt in enumerate(prompt_set.prompts[: cfg.grid_prompts]):
             rows.append(list(images[first + i * per : first + (i + 1) * per]))
             captions.append(("held-out: " if prompt_set.name == HELDOUT else "") + prompt)
-    return grids.captioned_grid(rows, captions)
+    return pictures.captioned_grid(rows, captions)
 
 
 def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
@@ -722,7 +517,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
     if "ar_prior" in priors:
         checkpoints["ar_prior"] = priors["ar_prior"].checkpoint.describe()
     timings["total"] = time.perf_counter() - began
-    report = _clean(
+    report = json_safe(
         {
             "command": "eval",
             "config": configlib.to_dict(cfg),
@@ -737,7 +532,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
             "metrics": METRIC_DOCS,
             "notes": notes,
             "plot": PLOT,
-            "timings_s": _round(timings),
+            "timings_s": rounded(timings),
         }
     )
     urls = {key: join(output, name) for key, name in (("json", REPORT_JSON), ("md", REPORT_MD))}
@@ -754,20 +549,14 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
         "grids": grid_urls,
         "metrics": {
             name: {
-                "clip_score": _get(entry, "sets", TRAIN, "clip_score"),
+                "clip_score": lookup(entry, "sets", TRAIN, "clip_score"),
                 "fd_clip": entry["fd_clip"],
                 "fid": entry["fid"],
-                "color": _get(entry, "sets", TRAIN, "attributes", "color"),
-                "shape": _get(entry, "sets", TRAIN, "attributes", "shape"),
-                "heldout_shape": _get(entry, "sets", HELDOUT, "attributes", "shape"),
+                "color": lookup(entry, "sets", TRAIN, "attributes", "color"),
+                "shape": lookup(entry, "sets", TRAIN, "attributes", "shape"),
+                "heldout_shape": lookup(entry, "sets", HELDOUT, "attributes", "shape"),
             }
-            for name, entry in _ordered(report)
+            for name, entry in ordered(report)
         },
         "notes": notes,
     }
-
-
-def _round(timings: Any) -> Any:
-    if isinstance(timings, dict):
-        return {k: _round(v) for k, v in timings.items()}
-    return round(float(timings), 3)

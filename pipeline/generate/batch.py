@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cascade import CascadePlan, load_cascade, plan_cascade
+from pipeline.cascade_config import GenerateConfig
 from pipeline.errors import UserFacingError
-from pipeline.stage_config import GenerateConfig
+from pipeline.generate.cascade import CascadePlan, load_cascade, plan_cascade
 from pipeline.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,14 @@ class CascadeGenerator:
         self.cascade = load_cascade(plan, storage, cfg.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline import grids
-        from pipeline.sampling import generate_images
+        from pipeline import pictures
+        from pipeline.generate.sampling import generate_images
 
         paths = []
         for key, caption, seed in zip(batch["key"], batch["caption"], batch["seed"], strict=True):
             image = generate_images(self.cascade, self.cfg, [str(caption)], int(seed))
             url = join(self.images, f"{key}.png")
-            self.storage.write_bytes(url, grids.png_bytes(grids.to_uint8(image)[0]))
+            self.storage.write_bytes(url, pictures.png_bytes(pictures.to_uint8(image)[0]))
             paths.append(url)
         return {
             "key": batch["key"],
@@ -115,8 +115,8 @@ def run_generate(cfg: GenerateConfig, storage: Storage | None = None) -> dict[st
     import pyarrow.parquet as pq
     import ray
 
-    from pipeline import cluster
-    from pipeline.sampling import prior_url
+    from pipeline.cluster.connect import connect
+    from pipeline.generate.sampling import prior_url
 
     storage = storage or Storage(cfg.storage)
     output = cfg.url(cfg.output)
@@ -131,7 +131,7 @@ def run_generate(cfg: GenerateConfig, storage: Storage | None = None) -> dict[st
     ).with_samplers(cfg.decoder_sampler, cfg.upsampler_sampler)
     storage.check(output, write=True)
     rows = job_rows(captions, cfg.samples_per_caption, cfg.seed)
-    cluster.connect(cfg.ray)
+    connect(cfg.ray)
     gpus = _gpus(cfg)
     log.info(
         "generate: %d images of %d captions with %d actor(s) (%g GPU each) into %s",

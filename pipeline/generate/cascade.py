@@ -1,6 +1,6 @@
 """Trained stage models for inference: the unCLIP cascade (section 2, figure 2) from checkpoints.
 
-Generation loads what the training stages wrote (``pipeline.checkpoints``): for each stage a run
+Generation loads what the training stages wrote (``pipeline.train.checkpoints``): for each stage a run
 folder (its latest *whole* checkpoint is used) or one checkpoint folder, on local disk or object
 storage. Two steps, so every check runs before any weight is read or any Ray resource is asked for:
 
@@ -11,7 +11,7 @@ storage. Two steps, so every check runs before any weight is read or any Ray res
   the prompts and images that is not the one that made the decoder's embedding store. The result,
   a :class:`CascadePlan`, is plain data: Ray Data actors receive it and load the same checkpoints
   even if training writes newer ones meanwhile.
-* :func:`load_cascade` builds each stage model with its stage's build function (``pipeline.stages``;
+* :func:`load_cascade` builds each stage model with its stage's build function (``pipeline.train.stages``;
   nothing is fitted: the autoregressive prior's PCA quantizer comes back from its buffers), loads
   the EMA weights (what the paper samples with) with safetensors, never a pickle, and the CLIP,
   all in eval mode on one device. The :class:`Cascade` encodes prompts and images with that CLIP
@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import checkpoints, clip_model
 from pipeline import config as configlib
-from pipeline.embed_store import MANIFEST, EmbeddingStore
+from pipeline.embed import clip_model
+from pipeline.embed.store import MANIFEST, EmbeddingStore
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import ClipSource
-from pipeline.stages import STAGES
 from pipeline.storage import Storage, is_local, join, resolve
+from pipeline.train import checkpoints
+from pipeline.train.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class CascadePlan:
         }
 
 
-def _check_same_clip(prior: StageCheckpoint, decoder: StageCheckpoint) -> None:
+def check_same_clip(prior: StageCheckpoint, decoder: StageCheckpoint) -> None:
     """A prior predicts image embeddings of its store's CLIP; the decoder must read the same."""
     if prior.info.get("clip") != decoder.info.get("clip"):
         raise UserFacingError(
@@ -199,7 +200,7 @@ def _absolute_clip(source: ClipSource, storage: Storage, root: str) -> ClipSourc
     """``source`` with a path-like ``pretrained`` made an absolute URL of the weights file (a
     train-clip run folder becomes its latest checkpoint's weights), so any process can load it."""
     pretrained = source.pretrained
-    if not pretrained or not clip_model._is_path(pretrained):
+    if not pretrained or not clip_model.is_checkpoint_path(pretrained):
         return source
     url = resolve(root, pretrained)
     if is_local(url) and not url.startswith("file://"):
@@ -258,7 +259,7 @@ def plan_cascade(
         for i, url in enumerate(upsamplers)
     )
     if pri is not None:
-        _check_same_clip(pri, dec)
+        check_same_clip(pri, dec)
     _check_chain(dec, ups)
     source = _absolute_clip(clip, storage, root) if clip is not None else _store_clip(storage, dec)
     expected = dec.info.get("clip")

@@ -1,7 +1,7 @@
 """The interactive generation commands: sample (section 2), variations (§3.1), interpolations
 (§3.2) and text diffs (§3.3), each from trained checkpoints to PNG files, a grid and an index.
 
-Each command plans its cascade first (``pipeline.cascade``: every checkpoint found and checked
+Each command plans its cascade first (``pipeline.generate.cascade``: every checkpoint found and checked
 before a weight is read), loads it, encodes its inputs with the CLIP that made the decoder's
 embedding store, calls the pure functions of ``unclip.generation`` with one generator seeded by
 ``seed``, and writes under ``<root>/<output>/``:
@@ -25,16 +25,24 @@ from typing import Any
 
 import torch
 
-from pipeline import grids
-from pipeline.cascade import Cascade, load_cascade, plan_cascade, read_image, square
-from pipeline.errors import UserFacingError
-from pipeline.stage_config import (
+from pipeline import pictures
+from pipeline.cascade_config import (
     CascadeConfig,
     InterpolateConfig,
     SampleConfig,
+    TextConditionedConfig,
     TextDiffConfig,
     TextToImageConfig,
     VariationsConfig,
+)
+from pipeline.errors import UserFacingError
+from pipeline.generate.cascade import (
+    Cascade,
+    CascadePlan,
+    load_cascade,
+    plan_cascade,
+    read_image,
+    square,
 )
 from pipeline.storage import Storage, basename, join
 from unclip import generation
@@ -50,8 +58,9 @@ def slug(text: str, limit: int = 40) -> str:
     return words[:limit].rstrip("-") or "image"
 
 
-def open_cascade(cfg: CascadeConfig, storage: Storage, prior: str | None = None) -> Cascade:
-    """Plan (check) then load the cascade a generation config names."""
+def plan_for(cfg: CascadeConfig, storage: Storage, prior: str | None = None) -> CascadePlan:
+    """The checked plan of the cascade a generation or evaluation config names, with ``prior``
+    (a run folder or checkpoint, or none), and its samplers when the config chooses them."""
     plan = plan_cascade(
         storage,
         cfg.root,
@@ -60,9 +69,14 @@ def open_cascade(cfg: CascadeConfig, storage: Storage, prior: str | None = None)
         upsamplers=cfg.upsamplers,
         clip=cfg.clip,
     )
-    if isinstance(cfg, TextToImageConfig):
+    if isinstance(cfg, TextConditionedConfig):
         plan = plan.with_samplers(cfg.decoder_sampler, cfg.upsampler_sampler)
-    return load_cascade(plan, storage, cfg.device)
+    return plan
+
+
+def open_cascade(cfg: CascadeConfig, storage: Storage, prior: str | None = None) -> Cascade:
+    """Plan (check) then load the cascade a generation config names."""
+    return load_cascade(plan_for(cfg, storage, prior), storage, cfg.device)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -84,10 +98,12 @@ def _write_outputs(
     output = cfg.url(cfg.output)
     records = []
     for name, image, record in files:
-        storage.write_bytes(join(output, name), grids.png_bytes(grids.to_uint8(image[None])[0]))
+        storage.write_bytes(
+            join(output, name), pictures.png_bytes(pictures.to_uint8(image[None])[0])
+        )
         records.append({"file": name, **record})
     grid_url = join(output, GRID)
-    storage.write_bytes(grid_url, grids.captioned_grid(grid_rows, captions))
+    storage.write_bytes(grid_url, pictures.captioned_grid(grid_rows, captions))
     index = {
         "command": command,
         "seed": cfg.seed,
@@ -167,7 +183,7 @@ def run_sample(cfg: SampleConfig, storage: Storage | None = None) -> dict[str, A
         )
         for i, prompt in enumerate(rows)
     ]
-    pixels = grids.to_uint8(images)
+    pixels = pictures.to_uint8(images)
     grid_rows = [list(pixels[p * per : (p + 1) * per]) for p in range(len(cfg.prompts))]
     extra = {
         "conditioning": cfg.conditioning,
@@ -233,7 +249,7 @@ def run_variations(cfg: VariationsConfig, storage: Storage | None = None) -> dic
     )
     final, side = result.final, cascade.resolutions[-1]
     files, grid_rows = [], []
-    pixels = grids.to_uint8(final)
+    pixels = pictures.to_uint8(final)
     for i, (path, shown) in enumerate(zip(cfg.images, _shown(images, side), strict=True)):
         for j in range(cfg.num):
             record = {"input": path, "variation": j, "seed": cfg.seed}
@@ -279,7 +295,7 @@ def run_interpolate(cfg: InterpolateConfig, storage: Storage | None = None) -> d
         for j, theta in enumerate(thetas)
     ]
     first, last = _shown(images, cascade.resolutions[-1])
-    grid_rows = [[first, *grids.to_uint8(final), last]]
+    grid_rows = [[first, *pictures.to_uint8(final), last]]
     captions = [f"{basename(a)} to {basename(b)}: {cfg.num} steps of theta from 0 to 1"]
     extra = {"latent": cfg.latent, "inputs": [a, b]}
     return _write_outputs(storage, cfg, cascade, "interpolate", files, grid_rows, captions, extra)
@@ -319,7 +335,7 @@ def run_textdiff(cfg: TextDiffConfig, storage: Storage | None = None) -> dict[st
     )
     final, thetas = result.final, result.theta.tolist()
     files, grid_rows = [], []
-    pixels = grids.to_uint8(final)
+    pixels = pictures.to_uint8(final)
     for i, (path, shown) in enumerate(
         zip(cfg.images, _shown(images, cascade.resolutions[-1]), strict=True)
     ):

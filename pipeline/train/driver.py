@@ -4,7 +4,7 @@ Before anything is asked of the cluster: the config is already typed and checked
 reachable and writable; a run folder that already holds checkpoints was trained with a compatible
 config (same model, diffusion process and data), else the run is refused with the keys that differ
 rather than silently resumed. Then the run's config is saved beside its checkpoints and a
-``TorchTrainer`` runs ``pipeline.train_loop`` with the stage's Ray Dataset, a ``RunConfig`` named
+``TorchTrainer`` runs ``pipeline.train.loop`` with the stage's Ray Dataset, a ``RunConfig`` named
 after the run on the shared storage (so rerunning the same command resumes from the latest
 checkpoint), checkpoints kept and ``FailureConfig``.
 """
@@ -15,12 +15,13 @@ import logging
 import time
 from typing import Any
 
-from pipeline import checkpoints, cluster
 from pipeline import config as configlib
+from pipeline.cluster.connect import connect
 from pipeline.errors import UserFacingError
-from pipeline.stages import STAGES
 from pipeline.storage import Storage, join, parent
-from pipeline.train_loop import train_loop_per_worker
+from pipeline.train import checkpoints
+from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
     run_url = cfg.run_url()
     storage.check(run_url, write=True)
     check_compatible(stage, cfg, storage)
-    cluster.connect(cfg.ray)
+    connect(cfg.ray)
     dataset, info = spec.prepare(cfg, storage)
     dataset = _maybe_cache(dataset, info.pop("estimated_bytes", None), cfg.train.cache_data)
     storage.write_text(join(run_url, "config.yaml"), configlib.dumps(cfg))

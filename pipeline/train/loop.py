@@ -1,6 +1,6 @@
 """The per-worker training loop shared by every stage; the only place Ray Train is touched.
 
-Each worker: builds the stage model (``pipeline.stages``), restores the latest checkpoint Ray Train
+Each worker: builds the stage model (``pipeline.train.stages``), restores the latest checkpoint Ray Train
 hands it (model, EMA, AdamW, schedule, step, data position, loss history), wraps the model with
 ``ray.train.torch.prepare_model`` (DDP, or FSDP by config), then steps: gradient accumulation,
 bf16 autocast on GPU, gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import checkpoints
 from pipeline import config as configlib
-from pipeline.plots import loss_curve_png
-from pipeline.stages import STAGES, StageSpec
+from pipeline.pictures import loss_curve_png
 from pipeline.storage import Storage, join
+from pipeline.train import checkpoints
+from pipeline.train.stages import STAGES, StageSpec
 from unclip.ema import EMA
 
 
@@ -78,7 +78,7 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
 
 
-def _autocast(cfg: Any, device: torch.device):
+def autocast(cfg: Any, device: torch.device):
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -187,7 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sync = (
                 wrapped.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
             )
-            with sync, _autocast(cfg, device):
+            with sync, autocast(cfg, device):
                 loss = wrapped(batch, generator)
             (loss.float() / accum).backward()
             total += loss.detach().float()

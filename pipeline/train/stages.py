@@ -1,6 +1,6 @@
 """What differs between the training stages: their data, their model, their pictures.
 
-The shared driver (``pipeline.trainer``) and worker loop (``pipeline.train_loop``) are the same for
+The shared driver (``pipeline.train.driver``) and worker loop (``pipeline.train.loop``) are the same for
 every stage; a :class:`StageSpec` supplies the rest:
 
 * ``prepare`` (driver): the Ray Dataset of training rows and a small ``info`` dict for the workers
@@ -14,7 +14,6 @@ every stage; a :class:`StageSpec` supplies the rest:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.embed_store import EmbeddingStore, column_array, decode_image, image_dataset
+from pipeline import pictures
+from pipeline.data.shards import completed_shards, iter_tar_samples, shard_urls
+from pipeline.embed.store import EmbeddingStore, column_array, decode_image, image_dataset
 from pipeline.errors import UserFacingError
-from pipeline.shards import completed_shards, iter_tar_samples, shard_urls
 from pipeline.stage_config import (
     DecoderConfig,
     PriorConfig,
@@ -53,19 +53,6 @@ class StageSpec:
 def to_images(uint8: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float in [-1, 1]."""
     return uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def grid_png(rows: list[torch.Tensor]) -> bytes:
-    """Rows of (N, 3, H, W) images in [-1, 1] (upscaled to the largest side) as one PNG."""
-    from PIL import Image
-
-    side = max(r.shape[-1] for r in rows)
-    rows = [torch.nn.functional.interpolate(r.float(), size=side, mode="nearest") for r in rows]
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows·H, N·W)
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def shard_images(storage: Storage, folder: str, image_size: int):
@@ -102,7 +89,10 @@ def _store(cfg: Any, storage: Storage) -> EmbeddingStore:
     return EmbeddingStore.locate(storage, cfg.url(cfg.store), cfg.clip_id)
 
 
-def _store_info(store: EmbeddingStore, image_size: int = 0) -> dict[str, Any]:
+def store_info(store: EmbeddingStore, image_size: int = 0) -> dict[str, Any]:
+    """What a stage reads of the store before it trains (the ``info`` its model is built with):
+    the store's URL and CLIP, the embedding dim, the tokenizer's context length, and the bytes its
+    rows take in memory with ``image_size`` px images (to decide whether to cache them)."""
     manifest = store.manifest()
     dim, context = int(manifest["embed_dim"]), int(manifest["tokenizer"]["context_length"])
     rows = sum(r["rows"] for r in store.completed().values())
@@ -124,7 +114,7 @@ def _shard_rows(storage: Storage, folder: str) -> int:
 
 def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
     store = _store(cfg, storage)
-    info = _store_info(store)
+    info = store_info(store)
     if cfg.model.kind == "autoregressive":  # the PCA and buckets are fitted on the store
         table = store.read_all(["image_emb", "text_emb"])
         rng = np.random.default_rng(cfg.train.seed)
@@ -165,7 +155,7 @@ def prepare_decoder(cfg: DecoderConfig, storage: Storage) -> tuple[Any, dict[str
         image_size=cfg.model.image_size,
         columns=("image_emb", "text_tokens"),
     ).drop_columns(["key"])
-    return dataset, _store_info(store, cfg.model.image_size)
+    return dataset, store_info(store, cfg.model.image_size)
 
 
 def build_decoder(cfg: DecoderConfig, info: dict[str, Any]) -> nn.Module:
@@ -190,7 +180,7 @@ def decoder_pictures(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Deco
     samples = model.sample(
         batch["image_emb"][:n], batch["text_tokens"][:n], steps=steps, generator=generator
     )
-    return grid_png([batch["image"][:n].cpu(), samples.cpu()])
+    return pictures.tensor_rows_png([batch["image"][:n].cpu(), samples.cpu()])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +210,7 @@ def upsampler_pictures(
     low = downscale(high, cfg.model.low_res)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     samples = model.sample(low, steps=min(cfg.diffusion.sampling_steps, 25), generator=generator)
-    return grid_png([low.cpu(), samples.cpu(), high.cpu()])
+    return pictures.tensor_rows_png([low.cpu(), samples.cpu(), high.cpu()])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +224,7 @@ class ClipStage(nn.Module):
         super().__init__()
         import open_clip
 
-        from pipeline.clip_model import register_model_config
+        from pipeline.embed.clip_model import register_model_config
 
         register_model_config(cfg.clip)
         self.clip = open_clip.create_model(cfg.clip.model, pretrained=cfg.clip.pretrained)
@@ -269,16 +259,16 @@ class ClipStage(nn.Module):
 def prepare_clip(cfg: TrainClipConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
     import open_clip
 
-    from pipeline.clip_model import image_size_of, require_model
+    from pipeline.embed.clip_model import image_size_of, require_model
 
     require_model(cfg.clip)
     size = image_size_of(open_clip.get_model_config(cfg.clip.model))
     source = cfg.clip
 
     def tokenize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.embed import _tokenizer
+        from pipeline.embed.clip_model import tokenizer
 
-        tokens = _tokenizer(source)([str(c) for c in batch["caption"]]).numpy().astype(np.int32)
+        tokens = tokenizer(source)([str(c) for c in batch["caption"]]).numpy().astype(np.int32)
         return {"image": batch["image"], "text_tokens": tokens}
 
     folder = cfg.url(cfg.shards)

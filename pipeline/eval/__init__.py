@@ -1,0 +1,1 @@
+"""``unclip eval``: the run (``run``), its report (``report``) and the metrics (``metrics``)."""
