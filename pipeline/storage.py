@@ -12,10 +12,14 @@ Publishing is atomic, so a reader never sees half of anything:
 * a single file (:meth:`Storage.open_atomic`, :meth:`Storage.write_bytes`) is written under a hidden
   temporary name and renamed into place on local disk; on S3 an object becomes visible only when its
   upload completes, so an interrupted upload leaves nothing.
-* a directory of files (:meth:`Storage.commit_dir`, used for checkpoints) is published by a marker file
-  written last (``_COMMITTED``, listing the files and their sizes). On local disk the directory is also
-  built under a hidden name and renamed into place. Readers ask :meth:`Storage.is_committed` or
-  :meth:`Storage.committed_children` and never pick up a directory whose writer died.
+* a folder of files (a checkpoint, a store shard and its record) is published by a marker written
+  last; readers ask for the marker and never pick up a folder whose writer died.
+
+Transient errors (a dropped connection, a stalled or cut-off response, 5xx, throttling) are retried
+with backoff in every operation (:mod:`pipeline.retries`, ``storage.retries``); a read that loses its
+connection halfway through an object reopens it at the same offset, checking that the object is
+still the same version (:class:`ResumableReader`). What still fails raises :class:`StorageError`,
+whose ``transient`` flag says whether a later rerun may succeed.
 
 Errors name the URL and what went wrong (missing bucket, unreachable endpoint, access denied) and
 never contain a credential: :class:`Secret` hides them from ``repr``, logs and saved configs.
@@ -24,19 +28,21 @@ never contain a credential: :class:`Secret` hides them from ``repr``, logs and s
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
+from pipeline.retries import RetryPolicy, is_transient, retrying
 from unclip.fields import param
 
 # botocore's DEBUG records print request headers, whose signature names the access key id. Pin the
@@ -46,10 +52,16 @@ for _name in ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs"):
     if _logger.level == logging.NOTSET or _logger.level < logging.WARNING:
         _logger.setLevel(logging.WARNING)
 _TMP_TAG = ".tmp-"
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URL and the cause, never a credential."""
+    """A storage operation failed; the message names the URL and the cause, never a credential.
+
+    ``transient`` says whether the cause was a transient one (connection, timeout, 5xx) that
+    outlasted the retries, so a rerun may succeed, as opposed to a missing key or no access."""
+
+    transient: bool = False
 
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
@@ -99,7 +111,20 @@ class StorageOptions:
     )
     anonymous: bool = param(False, "unsigned requests (public buckets)")
     connect_timeout_s: float = param(10.0, "seconds to wait for a connection", gt=0)
-    max_attempts: int = param(4, "attempts per request before giving up", ge=1)
+    read_timeout_s: float = param(
+        60.0, "seconds a request may wait for data before it counts as stalled and is retried", gt=0
+    )
+    max_attempts: int = param(4, "SDK attempts per HTTP request before giving up", ge=1)
+    retries: int = param(
+        5,
+        "attempts of a whole read, write or listing that meets a transient error (reset, stall, "
+        "cut-off body, 5xx, throttling), with exponential backoff",
+        ge=1,
+    )
+    retry_backoff_s: float = param(0.5, "first wait before a retry; doubles each attempt", ge=0)
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.retries, backoff_s=self.retry_backoff_s)
 
     def resolved_endpoint(self) -> str | None:
         return (
@@ -286,12 +311,14 @@ class Storage:
                     client_kwargs=client_kwargs,
                     config_kwargs={
                         "connect_timeout": o.connect_timeout_s,
+                        "read_timeout": o.read_timeout_s,
                         "retries": {"max_attempts": o.max_attempts, "mode": "standard"},
                     },
                     use_listings_cache=False,  # other processes write here: never list stale
                     skip_instance_cache=True,
                 )
-                # botocore retries already (max_attempts); s3fs' own loop would multiply them
+                # botocore retries each request (max_attempts) and Storage the whole operation;
+                # s3fs' own loop would multiply them
                 self._fs_cache[scheme].retries = 1
         fs = self._fs_cache[scheme]
         path = _local_path(url) if scheme == "file" else url.split("://", 1)[1]
@@ -308,6 +335,7 @@ class Storage:
         kwargs: dict[str, Any] = {
             "region": o.resolved_region(),
             "connect_timeout": o.connect_timeout_s,
+            "request_timeout": o.read_timeout_s,
             "anonymous": o.anonymous,
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=o.max_attempts),
         }
@@ -348,6 +376,11 @@ class Storage:
     def _translate(self, exc: BaseException, op: str, url: str) -> StorageError:
         if isinstance(exc, StorageError):
             return exc
+        error = self._describe(exc, op, url)
+        error.transient = is_transient(exc)
+        return error
+
+    def _describe(self, exc: BaseException, op: str, url: str) -> StorageError:
         text = _chain_text(exc)
         shown = redact_url(url)
         if not is_local(url):
@@ -398,6 +431,15 @@ class Storage:
         except Exception as exc:
             raise self._translate(exc, op, url) from None
 
+    def _retry(self, op: str, url: str, fn: Callable[[], T]) -> T:
+        """``fn()`` with its errors translated, retried while they are transient."""
+
+        def once() -> T:
+            with self._errors(op, url):
+                return fn()
+
+        return retrying(once, self.options.retry_policy(), f"{op} {redact_url(url)}", self._scrub)
+
     # -- queries -------------------------------------------------------------------------------
 
     def check(self, url: str, *, write: bool = False) -> None:
@@ -412,8 +454,10 @@ class Storage:
                 with self._errors("write to", url):
                     os.makedirs(path, exist_ok=True)
             return
+        # The prefix, not the bucket root: policies may allow only a prefix, and buckets are large.
+        # One attempt (the SDK still retries the request): a preflight should fail fast.
         with self._errors("reach", url):
-            fs.ls(_bucket(url), detail=False)
+            _listing(fs, path, url)
         if write:
             probe = join(url, f".unclip-write-probe-{uuid.uuid4().hex}")
             self.write_bytes(probe, b"")
@@ -421,35 +465,40 @@ class Storage:
 
     def exists(self, url: str) -> bool:
         fs, path = self.filesystem(url)
-        with self._errors("look up", url):
-            return bool(fs.exists(path))
+        return self._retry("look up", url, lambda: bool(fs.exists(path)))
 
     def isdir(self, url: str) -> bool:
         fs, path = self.filesystem(url)
-        with self._errors("look up", url):
-            return bool(fs.isdir(path))
+        return self._retry("look up", url, lambda: bool(fs.isdir(path)))
 
     def list(self, url: str, *, include_hidden: bool = False) -> list[str]:
         """The URLs directly under ``url``, sorted; hidden and temporary names are left out.
 
         A missing directory lists as empty.
         """
+        details = self.list_details(url, include_hidden=include_hidden)
+        return sorted(details)
+
+    def list_details(self, url: str, *, include_hidden: bool = False) -> dict[str, dict[str, Any]]:
+        """The files directly under ``url`` with their ``size`` and ``version`` (the ETag on S3,
+        modification time and size on local disk), from one listing; folders have size None."""
         fs, path = self.filesystem(url)
-        with self._errors("list", url):
-            try:
-                entries = fs.ls(path, detail=False)
-            except FileNotFoundError as exc:
-                if not is_local(url) and "bucket" in _chain_text(exc).lower():
-                    raise
-                return []
-        names = sorted({posixpath.basename(e.rstrip("/")) for e in entries})
-        return [join(url, n) for n in names if include_hidden or not _is_hidden(n)]
+        out: dict[str, dict[str, Any]] = {}
+        for entry in self._retry("list", url, lambda: _listing(fs, path, url)):
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if include_hidden or not _is_hidden(name):
+                out[join(url, name)] = _details(entry)
+        return out
+
+    def stat(self, url: str) -> dict[str, Any]:
+        """``size`` and ``version`` of one file (see :meth:`list_details`)."""
+        fs, path = self.filesystem(url)
+        return _details(self._retry("stat", url, lambda: fs.info(path)))
 
     def glob(self, pattern: str) -> list[str]:
         """URLs matching a glob pattern (``*``, ``**``, ``?``, ``[..]``), sorted."""
         fs, path = self.filesystem(pattern)
-        with self._errors("list", pattern):
-            matches = fs.glob(path)
+        matches = self._retry("list", pattern, lambda: fs.glob(path))
         prefix = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
         if prefix == "file://":
             prefix = "file://"
@@ -457,23 +506,26 @@ class Storage:
 
     def size(self, url: str) -> int:
         fs, path = self.filesystem(url)
-        with self._errors("stat", url):
-            return int(fs.size(path))
+        return self._retry("stat", url, lambda: int(fs.size(path)))
 
     # -- reading -------------------------------------------------------------------------------
 
     def open(self, url: str, mode: str = "rb") -> IO:
-        """Open for reading. Writing goes through :meth:`open_atomic`."""
+        """Open for reading (binary; text through ``io.TextIOWrapper``). On object storage the
+        file survives dropped connections (:class:`ResumableReader`). Writing goes through
+        :meth:`open_atomic`."""
         if "r" not in mode:
             raise ValueError("Storage.open is for reading; use open_atomic to write")
         fs, path = self.filesystem(url)
-        with self._errors("read", url):
-            return fs.open(path, mode)
+        if is_local(url):
+            with self._errors("read", url):
+                return fs.open(path, mode)
+        raw = io.BufferedReader(ResumableReader(self, url, fs, path), buffer_size=1 << 20)
+        return raw if "b" in mode else io.TextIOWrapper(raw, encoding="utf-8")
 
     def read_bytes(self, url: str) -> bytes:
         fs, path = self.filesystem(url)
-        with self._errors("read", url):
-            return fs.cat_file(path)
+        return self._retry("read", url, lambda: fs.cat_file(path))
 
     def read_text(self, url: str) -> str:
         return self.read_bytes(url).decode("utf-8")
@@ -530,8 +582,22 @@ class Storage:
             handle.close()
 
     def write_bytes(self, url: str, data: bytes) -> None:
-        with self.open_atomic(url) as handle:
-            handle.write(data)
+        """Write ``data`` to ``url`` atomically, retried whole on a transient error."""
+
+        def write() -> None:
+            with self.open_atomic(url) as handle:
+                handle.write(data)
+
+        retrying(write, self.options.retry_policy(), f"write {redact_url(url)}", self._scrub)
+
+    def upload_file(self, local_path: str, url: str) -> None:
+        """Copy a local file to ``url`` atomically, retried whole on a transient error."""
+
+        def upload() -> None:
+            with open(local_path, "rb") as src, self.open_atomic(url) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+
+        retrying(upload, self.options.retry_policy(), f"write {redact_url(url)}", self._scrub)
 
     def write_text(self, url: str, text: str) -> None:
         self.write_bytes(url, text.encode("utf-8"))
@@ -548,7 +614,8 @@ class Storage:
     def remove(self, url: str, *, recursive: bool = False) -> None:
         """Remove a file, or with ``recursive`` a directory tree. Missing URLs are fine."""
         fs, path = self.filesystem(url)
-        with self._errors("remove", url):
+
+        def remove() -> None:
             if is_local(url):
                 if os.path.isdir(path):
                     if not recursive:
@@ -560,20 +627,120 @@ class Storage:
             if fs.exists(path):
                 fs.rm(path, recursive=recursive)
 
+        self._retry("remove", url, remove)
+
     def copy_from_local(self, local_path: str, url: str) -> None:
-        """Upload a local file or directory tree to ``url`` (not atomic by itself; see commit_dir)."""
-        fs, path = self.filesystem(url)
-        with self._errors("write", url):
-            if os.path.isdir(local_path):
-                for dirpath, _, files in os.walk(local_path):
-                    rel = os.path.relpath(dirpath, local_path)
-                    for name in files:
-                        target = join(url, rel if rel != "." else "", name)
-                        tfs, tpath = self.filesystem(target)
-                        if is_local(target):
-                            os.makedirs(os.path.dirname(tpath), exist_ok=True)
-                        tfs.put_file(os.path.join(dirpath, name), tpath)
-            else:
-                if is_local(url):
-                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                fs.put_file(local_path, path)
+        """Upload a local file or folder tree to ``url``, file by file (each atomic and retried;
+        a folder is whole only once its own marker says so)."""
+        if not os.path.isdir(local_path):
+            self.upload_file(local_path, url)
+            return
+        for dirpath, _, files in os.walk(local_path):
+            rel = os.path.relpath(dirpath, local_path)
+            for name in files:
+                self.upload_file(
+                    os.path.join(dirpath, name), join(url, rel if rel != "." else "", name)
+                )
+
+
+def _listing(fs: Any, path: str, url: str) -> list[dict[str, Any]]:
+    """``fs.ls(path, detail=True)``; a missing folder lists as empty, a missing bucket raises."""
+    try:
+        return fs.ls(path, detail=True)
+    except FileNotFoundError as exc:
+        text = _chain_text(exc)
+        if not is_local(url) and ("NoSuchBucket" in text or "bucket does not exist" in text):
+            raise
+        return []
+
+
+def _details(entry: dict[str, Any]) -> dict[str, Any]:
+    """Size and version of an fsspec listing entry (version: the ETag, else mtime and size)."""
+    if entry.get("type") == "directory":
+        return {"size": None, "version": None}
+    size = int(entry.get("size") or 0)
+    etag = entry.get("ETag") or entry.get("etag")
+    if etag:
+        return {"size": size, "version": str(etag).strip('"')}
+    mtime = entry.get("mtime") or entry.get("LastModified") or entry.get("created")
+    return {"size": size, "version": f"{mtime}-{size}"}
+
+
+class ResumableReader(io.RawIOBase):
+    """A read-only object on object storage that survives dropped connections.
+
+    A transient error while reading (a reset, a stall past ``read_timeout_s``, a body cut off) is
+    retried (:mod:`pipeline.retries`): the object is opened again and read on from the same offset
+    with a ranged GET, after checking its ETag, so a retried read never splices two versions of an
+    object. A tar streamed through this reader is thus read to its real end or fails with a
+    :class:`StorageError`, never a silent short read.
+    """
+
+    BLOCK = 8 << 20  # bytes per ranged GET: a retry re-reads at most this much
+
+    def __init__(self, storage: Storage, url: str, fs: Any, path: str) -> None:
+        super().__init__()
+        self._storage, self._url, self._fs, self._path = storage, url, fs, path
+        self._file: Any = None
+        self._etag: str | None = None
+        self._pos = 0
+        self._storage._retry("read", url, self._reopen)
+
+    def _reopen(self) -> None:
+        self._drop()
+        handle = self._fs.open(self._path, "rb", block_size=self.BLOCK)
+        etag = ((getattr(handle, "details", None) or {}).get("ETag") or "").strip('"') or None
+        if self._etag and etag and etag != self._etag:
+            handle.close()
+            error = StorageError(
+                f"cannot read {redact_url(self._url)}: the object changed while it was read "
+                f"(ETag {self._etag} became {etag})"
+            )
+            raise error
+        self._etag = self._etag or etag
+        if self._pos:
+            handle.seek(self._pos)
+        self._file = handle
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        def once() -> int:
+            if self._file is None:
+                self._reopen()
+            try:
+                return self._file.readinto(buffer)
+            except BaseException:
+                self._drop()  # reopened at self._pos by the next attempt
+                raise
+
+        count = self._storage._retry("read", self._url, once)
+        self._pos += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence == io.SEEK_END:
+            offset += self._storage._retry("stat", self._url, lambda: self._fs.size(self._path))
+        self._pos = offset
+        if self._file is not None:
+            self._file.seek(offset)
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._drop()
+        super().close()

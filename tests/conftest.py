@@ -3,6 +3,7 @@
 * ``s3_endpoint`` (session): moto's S3 server on 127.0.0.1 in a subprocess, with the AWS environment
   variables pointing every client at it (boto3, s3fs, pyarrow, and Ray workers started afterwards).
 * ``s3_bucket``: a fresh, empty bucket for each test.
+* ``faulty_s3``: a loopback proxy in front of the S3 endpoint that resets or stalls chosen requests.
 * ``ray_local`` (session): a local Ray with 2 CPUs and its own temp dir, started after the S3
   endpoint so its workers inherit the endpoint's environment.
 * ``storage_root``: parametrised over ``local`` and ``s3``; a test that takes it runs on both.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from faults import FaultProxy
 from helpers import free_port, free_ports, one_thread
 
 from pipeline.storage import Storage, StorageOptions, patched_environ
@@ -99,6 +101,18 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"unclip-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def faulty_s3(s3_endpoint: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the S3 endpoint (:mod:`faults`). Point a client at it
+    with ``storage.endpoint_url=<proxy.url>`` (it travels to Ray workers with the config); add
+    faults with ``proxy.add(Fault(...))``."""
+    proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ and errors that name the URL without leaking a credential."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,11 @@ import pyarrow.fs as pafs
 import pytest
 from conftest import FAKE_KEY_ID, FAKE_SECRET, Root
 from drills import environment
+from faults import Fault
 from helpers import free_port
 
 from pipeline.storage import (
+    ResumableReader,
     Secret,
     Storage,
     StorageError,
@@ -143,6 +146,7 @@ def test_unreachable_endpoint_is_a_clear_error(caplog) -> None:
             access_key_id=Secret(FAKE_KEY_ID),
             secret_access_key=Secret(FAKE_SECRET),
             max_attempts=1,
+            retries=1,
             connect_timeout_s=2,
         )
     )
@@ -185,3 +189,79 @@ def test_url_helpers() -> None:
     assert "pw" not in repr(Secret("pw")) and Secret("pw").reveal() == "pw"
     with pytest.raises(StorageError, match="unsupported URL scheme 'gs'"):
         Storage().exists("gs://bucket/x")
+
+
+# ----------------------------------------------------------------------------------------------
+# Transient faults, injected by a proxy in front of the S3 endpoint
+
+
+def _through(proxy, **options) -> Storage:
+    return Storage(
+        StorageOptions(endpoint_url=proxy.url, retry_backoff_s=0.01, read_timeout_s=2, **options)
+    )
+
+
+@pytest.fixture
+def small_blocks(monkeypatch) -> int:
+    """Ranged GETs of 256 KiB, so that a few MB are many requests."""
+    monkeypatch.setattr(ResumableReader, "BLOCK", 1 << 18)
+    return 1 << 18
+
+
+def test_a_read_reset_halfway_resumes_where_it_stopped(faulty_s3, s3_bucket, small_blocks) -> None:
+    storage = _through(faulty_s3)
+    url = join(s3_bucket, "big.bin")
+    data = os.urandom(3 << 20)
+    storage.write_bytes(url, data)
+    key = url.split("/", 3)[3]
+    fault = faulty_s3.add(Fault("GET", key, "reset", times=2))
+    with storage.open(url) as handle:
+        assert handle.read() == data
+    assert fault.hits == 2
+    gets = [t for m, t in faulty_s3.requests if m == "GET" and key in t]
+    # each block read once, the two cut off read again: not the whole object again
+    assert len(gets) <= len(data) // small_blocks + 2 + 1, len(gets)
+    faulty_s3.add(Fault("GET", key, "stall", times=1, stall_s=5))
+    assert storage.read_bytes(url) == data  # a stall past read_timeout_s is retried too
+
+
+def test_writes_listings_and_reads_are_retried(faulty_s3, s3_bucket) -> None:
+    storage = _through(faulty_s3, max_attempts=1)  # no SDK retries: these are the project's own
+    url = join(s3_bucket, "dir", "x.json")
+    put = faulty_s3.add(Fault("PUT", "x.json", "reset_request", times=2))
+    storage.write_json(url, {"a": 1})
+    listed = faulty_s3.add(Fault("GET", r"list-type=2", "reset", times=2))
+    assert storage.list(join(s3_bucket, "dir")) == [url]
+    got = faulty_s3.add(Fault("GET", "x.json", "reset", times=2))
+    assert storage.read_json(url) == {"a": 1}
+    assert (put.hits, listed.hits, got.hits) == (2, 2, 2)
+
+
+def test_a_fault_that_outlasts_the_retries_fails_naming_the_url(faulty_s3, s3_bucket) -> None:
+    storage = _through(faulty_s3, retries=3, max_attempts=1)
+    url = join(s3_bucket, "y.bin")
+    storage.write_bytes(url, b"y" * 1000)
+    fault = faulty_s3.add(Fault("GET", "y.bin", "reset", times=None))
+    with pytest.raises(StorageError, match=r"cannot read s3://.*/y\.bin") as info:
+        storage.read_bytes(url)
+    assert info.value.transient and fault.hits == 3
+    assert FAKE_SECRET not in str(info.value)
+    fault.times = 0  # healed
+    missing = join(s3_bucket, "nothing-here")
+    with pytest.raises(StorageNotFoundError) as info:
+        storage.read_bytes(missing)  # not transient: no retries, no wait
+    assert not info.value.transient
+
+
+def test_an_object_replaced_mid_read_is_refused_not_spliced(
+    faulty_s3, s3_bucket, small_blocks
+) -> None:
+    storage = _through(faulty_s3)
+    url = join(s3_bucket, "v.bin")
+    storage.write_bytes(url, b"a" * (2 << 20))
+    with storage.open(url) as handle:
+        handle.read(1000)
+        Storage().write_bytes(url, b"b" * (2 << 20))  # a new version, straight to the endpoint
+        faulty_s3.add(Fault("GET", "v.bin", "reset", times=1))
+        with pytest.raises(StorageError, match="changed while it was read"):
+            handle.read()
