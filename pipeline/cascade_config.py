@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.stage_config import ClipSource, StageConfig
+from pipeline.stage_config import ClipSource, StageConfig, require_folder
 from unclip.fields import param, require
 
 
@@ -39,6 +39,10 @@ class CascadeConfig(StageConfig):
         "auto", "where the models run (auto: a GPU if any)"
     )
     output: str = param("samples", "where the images and the grid go")
+
+    def validate(self) -> None:
+        super().validate()
+        require_folder(self.output, "output")
 
 
 @dataclass
@@ -168,6 +172,12 @@ class GenerateConfig(TextToImageConfig):
     cpus_per_actor: float = param(1.0, "CPUs reserved per generator actor", gt=0)
     threads_per_actor: int | None = param(
         None, "torch threads per generator actor (null: Ray's default)", ge=1
+    )
+    stall_timeout_s: float | None = param(
+        3600.0,
+        "fail when no generated rows arrive for this long (actor start-up and cascade loading "
+        "included), e.g. after a node loss stalls the actor pool (null: wait forever)",
+        gt=0,
     )
 
 

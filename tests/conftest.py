@@ -44,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("RAY_ADDRESS", None)
     # short: Ray's socket paths are limited
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ut-", dir="/tmp")
+    # CLIP checkpoints fetched by actors are cached per node; the suite's cache is its own
+    os.environ["UNCLIP_CHECKPOINT_CACHE"] = os.path.join(os.environ["RAY_TMPDIR"], "checkpoints")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

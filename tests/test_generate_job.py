@@ -5,7 +5,10 @@ index, every image the same whatever the batch size or the number of actors, and
 from __future__ import annotations
 
 import os
+import threading
+import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import tiny_clip_checkpoint
@@ -17,9 +20,10 @@ from jobs import generate as generate_job
 from jobs.entry import CONFIG_DIR
 from pipeline import config as configlib
 from pipeline.cascade_config import GenerateConfig, SampleConfig
+from pipeline.cluster.watchdog import PipelineStalled
 from pipeline.errors import UserFacingError
 from pipeline.generate import sampling
-from pipeline.generate.batch import job_rows, row_seed, run_generate
+from pipeline.generate.batch import gather, job_rows, row_seed, run_generate
 from pipeline.storage import Storage
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -123,3 +127,42 @@ def test_generate_refuses_a_missing_caption_file(cascade_root) -> None:
     c = cascade_root
     with pytest.raises(UserFacingError, match=r"no caption file at .*nothing\.txt"):
         run_generate(_cfg(c, "captions=nothing.txt"))
+
+
+def test_a_pool_the_cluster_cannot_start_is_refused_at_once(cascade_root, ray_local) -> None:
+    c = cascade_root
+    started = time.monotonic()
+    with pytest.raises(UserFacingError) as refused:
+        run_generate(_cfg(c, "concurrency=3", "output=gen/toolarge"))
+    assert str(refused.value) == (
+        "generate: the generator actors cannot start on this cluster: concurrency=3 × "
+        "cpus_per_actor=1 = 3 CPUs, but the cluster has 2 CPUs: lower concurrency or "
+        "cpus_per_actor"
+    )
+    assert time.monotonic() - started < 30
+    assert not os.path.exists(os.path.join(c["root"], "gen", "toolarge", "images"))
+
+
+def test_a_stalled_pool_fails_with_what_is_written_and_what_to_do() -> None:
+    release = threading.Event()
+
+    def pool():
+        yield pa.table({"key": ["00000000", "00000001"]})
+        release.wait(30)  # the actors stop returning rows (e.g. a lost node left them no room)
+        yield pa.table({"key": ["00000002"]})
+
+    began = time.monotonic()
+    with pytest.raises(PipelineStalled) as stalled:
+        gather(pool(), 5, "s3://b/generated/images", 0.3)
+    assert str(stalled.value) == (
+        "generate stalled: no generated images for 0 s (config key: stall_timeout_s). At least 2 "
+        "of 5 images are written under s3://b/generated/images; the index is written only once "
+        "every image is there, so rerun the job (it generates every row again, the same images). "
+        "After a lost node, the generator actors (concurrency × cpus_per_actor, gpus_per_actor) "
+        "may not fit on the nodes left."
+    )
+    assert time.monotonic() - began < 5
+    release.set()
+    # steady output passes through, in order; null waits for ever
+    tables = gather(iter([pa.table({"key": ["a"]}), pa.table({"key": ["b"]})]), 2, "x", None)
+    assert [t.column("key").to_pylist() for t in tables] == [["a"], ["b"]]

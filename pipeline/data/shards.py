@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -163,12 +163,17 @@ class ShardWriter:
 
 
 def iter_tar_samples(storage: Storage, url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one tar as ``{"__key__": key, "jpg": bytes, "txt": bytes, ...}`` dicts.
+    """The samples of one tar as ``{"__key__": key, "jpg": bytes, "txt": bytes, ...}`` dicts, with
+    no bad-input policy (errors propagate): readers of training data use
+    :func:`pipeline.data.reader.read_samples`, which skips and counts."""
+    with storage.open(url) as handle:
+        yield from tar_groups(handle)
 
-    Streams the tar; members are grouped by key as webdataset does (the key is the name up to the
-    first dot of the basename).
-    """
-    with storage.open(url) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+
+def tar_groups(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
+    """Stream a tar from a file object and group its members by key, as webdataset does (the key
+    is the name up to the first dot of the basename)."""
+    with tarfile.open(fileobj=handle, mode="r|") as tar:
         current: dict[str, Any] | None = None
         for member in tar:
             if not member.isfile():

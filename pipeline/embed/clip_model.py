@@ -6,6 +6,11 @@ model-config JSON that registers a custom architecture (the tests' tiny CLIP, or
 ``unclip train-clip`` trained). Its *identity* names the embedding store: the model and tag, or the
 model and the checkpoint's sha256, so embeddings of two different CLIPs never share a store.
 
+A checkpoint on object storage reaches the processes that load it (actors on any node) as a
+:class:`CheckpointRef`: the driver hashes the object while streaming it and keeps no copy
+(:func:`resolve_checkpoint`); each process fetches it into its node's cache, checked against that
+hash (:func:`fetch_checkpoint`), so all of them load exactly the weights the job was planned with.
+
 Image preprocessing is the model's own (open_clip's validation transform), split in two: the resize
 and crop run where images are decoded (Ray Data read tasks, on CPU), the tensor conversion and
 normalisation where the model runs (the encoder actor, on GPU when present). Together they compute
@@ -14,6 +19,7 @@ exactly what open_clip's transform computes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -124,20 +130,109 @@ def located(source: ClipSource, storage: Storage, root: str) -> dict[str, str | 
     return {"model": source.model, "pretrained": pretrained, "model_config": config}
 
 
-def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> str | None:
-    """A local path to the checkpoint named by ``source.pretrained`` (downloaded if on S3), or None
-    when ``pretrained`` is an open_clip tag or unset (:func:`checkpoint_url`)."""
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A CLIP checkpoint on object storage, pinned by its content: what a driver hands to
+    processes on other nodes instead of a path on its own disk (picklable, a few bytes).
+
+    Each process gets a local copy with :func:`fetch_checkpoint`, which refuses an object whose
+    content is no longer ``sha256``, so every actor of a job loads the weights the job was
+    planned with (and named its embedding store after).
+    """
+
+    url: str
+    sha256: str
+    size: int
+
+
+# A checkpoint as the driver resolved it: a local path (usable as is on this node), or a ref.
+Checkpoint = str | CheckpointRef
+
+CACHE_ENV = "UNCLIP_CHECKPOINT_CACHE"
+
+
+def checkpoint_ref(storage: Storage, url: str) -> CheckpointRef:
+    """Hash the object at ``url`` by streaming it, writing nothing to disk."""
+    digest = hashlib.sha256()
+    size = 0
+    with storage.open(url) as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return CheckpointRef(url, digest.hexdigest(), size)
+
+
+def resolve_checkpoint(source: ClipSource, storage: Storage, root: str) -> Checkpoint | None:
+    """The checkpoint ``source.pretrained`` names, for the job's driver: a local path for a file
+    on this machine (loaded where it lies, as before), a :class:`CheckpointRef` for one on object
+    storage (hashed while streamed, with no local copy: the processes that load it fetch it with
+    :func:`fetch_checkpoint`), or None for an open_clip tag or unset (:func:`checkpoint_url`)."""
     url = checkpoint_url(source, storage, root)
     if url is None:
         return None
     if is_local(url):
         return url[len("file://") :] if url.startswith("file://") else url
-    suffix = os.path.splitext(url)[1] or ".bin"
-    local = os.path.join(tempfile.mkdtemp(prefix="unclip-clip-"), "checkpoint" + suffix)
-    with storage.open(url) as src, open(local, "wb") as dst:
+    return checkpoint_ref(storage, url)
+
+
+def checkpoint_cache_dir() -> str:
+    """This node's checkpoint cache: ``$UNCLIP_CHECKPOINT_CACHE``, else ``unclip-checkpoints``
+    under the process's temp dir (``tempfile.gettempdir()``, which follows ``TMPDIR``)."""
+    return os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "unclip-checkpoints")
+
+
+def fetch_checkpoint(checkpoint: Checkpoint, storage: Storage | None = None) -> str:
+    """A local path to ``checkpoint``, callable in any process on any node.
+
+    A path is returned as is. A :class:`CheckpointRef` is downloaded once per node into
+    :func:`checkpoint_cache_dir`, named by its sha256 (so a cached copy is reused by every later
+    process and job), through a temporary name renamed into place only after its hash is checked,
+    so a file under the final name is always a verified one. The actors starting together on one
+    node take turns (a file lock): the first downloads, the others find its copy. An object that
+    changed since the driver hashed it is refused, naming its URL. ``storage`` reaches the object
+    (None: the default options, from the environment).
+    """
+    if isinstance(checkpoint, str):
+        return checkpoint[len("file://") :] if checkpoint.startswith("file://") else checkpoint
+    ref = checkpoint
+    suffix = os.path.splitext(ref.url)[1] or ".bin"  # open_clip picks the loader by suffix
+    target = os.path.join(checkpoint_cache_dir(), ref.sha256 + suffix)
+    if _cached(target, ref):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not _cached(target, ref):
+            _download(ref, storage or Storage(), target)
+    return target
+
+
+def _cached(target: str, ref: CheckpointRef) -> bool:
+    return os.path.exists(target) and os.path.getsize(target) == ref.size
+
+
+def _download(ref: CheckpointRef, storage: Storage, target: str) -> None:
+    """``ref``'s object to ``target``, atomically, if its content is still ``ref.sha256``."""
+    if not storage.exists(ref.url):
+        raise _changed(ref, "it is gone")
+    size = storage.size(ref.url)
+    if size != ref.size:
+        raise _changed(ref, f"it is now {size} bytes, not {ref.size}")
+    digest = hashlib.sha256()
+    with Storage().open_atomic(target) as out, storage.open(ref.url) as src:
         while chunk := src.read(8 << 20):
-            dst.write(chunk)
-    return local
+            digest.update(chunk)
+            out.write(chunk)
+        if digest.hexdigest() != ref.sha256:  # raising here removes the temporary copy
+            raise _changed(ref, f"its sha256 is now {digest.hexdigest()[:12]}...")
+
+
+def _changed(ref: CheckpointRef, how: str) -> UserFacingError:
+    return UserFacingError(
+        f"the CLIP checkpoint {ref.url} changed since the job started: {how}, but the job "
+        f"started with sha256 {ref.sha256[:12]}... (config key: clip.pretrained); rerun the job "
+        "to use the new weights, or put the old ones back"
+    )
 
 
 def latest_clip_weights(storage: Storage, run_url: str) -> str:
@@ -153,12 +248,16 @@ def latest_clip_weights(storage: Storage, run_url: str) -> str:
     return weights
 
 
-def identity(source: ClipSource, checkpoint: str | None) -> ClipIdentity:
-    """The CLIP's identity: model + tag, or model + checkpoint hash (+ config hash)."""
+def identity(source: ClipSource, checkpoint: Checkpoint | None) -> ClipIdentity:
+    """The CLIP's identity: model + tag, or model + checkpoint hash (+ config hash). A
+    :class:`CheckpointRef` carries its hash; a local path is hashed here."""
     config_path = _model_config_path(source.model_config) if source.model_config else None
     config_sha = _sha256_file(config_path)[:12] if config_path else None
     if checkpoint:
-        sha = _sha256_file(checkpoint)
+        if isinstance(checkpoint, CheckpointRef):
+            sha = checkpoint.sha256
+        else:
+            sha = _sha256_file(fetch_checkpoint(checkpoint))
         ident = f"{source.model}--ckpt-{sha[:12]}"
         return ClipIdentity(ident, source.model, None, sha, config_sha)
     if source.pretrained:
@@ -220,13 +319,22 @@ def split_preprocess(
     )
 
 
-def load_clip(source: ClipSource, checkpoint: str | None, device: str = "cpu") -> LoadedClip:
-    """Build the open_clip model, its tokenizer and its preprocessing, in eval mode."""
+def load_clip(
+    source: ClipSource,
+    checkpoint: Checkpoint | None,
+    device: str = "cpu",
+    storage: Storage | None = None,
+) -> LoadedClip:
+    """Build the open_clip model, its tokenizer and its preprocessing, in eval mode.
+
+    ``checkpoint`` is what :func:`resolve_checkpoint` gave the driver: a local path, a
+    :class:`CheckpointRef` (fetched into this node's cache through ``storage``, see
+    :func:`fetch_checkpoint`), or None for ``source.pretrained``'s open_clip tag."""
     import open_clip
     import torch
 
     require_model(source)
-    pretrained = checkpoint or source.pretrained
+    pretrained = fetch_checkpoint(checkpoint, storage) if checkpoint else source.pretrained
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             source.model, pretrained=pretrained, device=device, weights_only=True

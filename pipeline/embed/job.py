@@ -9,10 +9,17 @@ The pipeline streams, so memory does not grow with the dataset::
 Each read task handles one source shard and ends it with a marker row carrying the shard's counts
 (good rows, skipped samples by reason, with their keys), so the driver knows when a shard is whole
 whatever order the actor pool returns batches in. Bad samples (undecodable image, missing or empty
-caption, a member cut off by a truncated tar) are logged with their key, counted, and skipped.
+caption, a member cut off by a truncated tar, a file that is not a tar, NaN/inf/zero embeddings)
+are logged with their key, counted, and skipped (:mod:`pipeline.data.reader`).
 
-A rerun skips the source shards the store already has and never writes a key twice; a store made
-by another CLIP is refused (``EmbeddingStore.open_for_writing``).
+Storage faults are retried (:mod:`pipeline.retries`); a shard that still cannot be read or written
+gets no completion record, the other shards go on, and the run ends with an error naming it, so a
+rerun does exactly the missing shards. A rerun skips the source shards the store already has and
+never writes a key twice; it encodes again a source tar whose size or ETag changed since. A store
+made by another CLIP, or from other source shards, is refused (``EmbeddingStore.open_for_writing``).
+Before any actor starts, the pool is checked against the cluster (:mod:`pipeline.cluster.preflight`);
+a CLIP checkpoint on object storage reaches the actors as a reference pinned by its sha256, which
+each node fetches into its own cache.
 """
 
 from __future__ import annotations
@@ -20,26 +27,25 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pipeline.cluster.preflight import ActorPool, check_cluster_fits
 from pipeline.cluster.watchdog import iter_until_stalled
-from pipeline.data.shards import completed_shards, iter_tar_samples, shard_urls
+from pipeline.data.reader import Skips, read_samples
+from pipeline.data.shards import completed_shards, shard_urls
 from pipeline.embed import clip_model
-from pipeline.embed.store import EmbeddingStore, source_name, to_table
+from pipeline.embed.store import EmbeddingStore, changed_sources, source_name, to_table
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import ClipSource, EmbedConfig
-from pipeline.storage import Storage, join
+from pipeline.storage import Storage, StorageError, join
 
 log = logging.getLogger(__name__)
-
-MAX_KEYS_PER_REASON = 100  # skipped keys kept in each shard's record
 
 
 @dataclass
@@ -66,61 +72,58 @@ def _end_row(spec: ReadSpec, name: str, report: dict[str, Any]) -> dict[str, Any
 
 
 def read_shard(spec: ReadSpec, tar_url: str) -> Iterator[dict[str, Any]]:
-    """Rows of model inputs for one source tar, then its end marker with the counts."""
+    """Rows of model inputs for one source tar, then its end marker with the counts.
+
+    Bad samples are skipped and counted (:mod:`pipeline.data.reader`). A tar that cannot be read
+    after the storage retries ends with a marker that says so (``failed``): the driver then drops
+    the rows it got, writes no completion record, and goes on with the other shards.
+    """
     from PIL import Image
 
     name = source_name(tar_url)
     tokenizer = clip_model.tokenizer(spec.clip)
-    skipped: Counter = Counter()
-    skipped_keys: dict[str, list[str]] = defaultdict(list)
+    skips = Skips()
     good = 0
+    try:
+        for sample in read_samples(spec.storage, tar_url, skips):
+            try:
+                image = Image.open(io.BytesIO(sample.image))
+                image.load()
+                pixels = clip_model.prepare_image(spec.image_transform, image)
+            except Exception:
+                skips.add(sample.key, "undecodable image", tar_url)
+                continue
+            tokens = tokenizer([sample.caption])[0].numpy().astype(np.int32)
+            good += 1
+            yield {
+                "shard": name,
+                "key": sample.key,
+                "caption": sample.caption,
+                "image": pixels,
+                "tokens": tokens,
+                "end": False,
+                "report": "",
+            }
+    except StorageError as exc:
+        log.error("embed: shard %s failed: %s", name, exc)
+        yield _end_row(spec, name, {"failed": str(exc)})
+        return
+    yield _end_row(spec, name, {"good": good, **skips.to_json()})
 
-    def skip(key: str, reason: str) -> None:
-        skipped[reason] += 1
-        if len(skipped_keys[reason]) < MAX_KEYS_PER_REASON:
-            skipped_keys[reason].append(key)
-        log.warning("embed: skipping %s in %s: %s", key, tar_url, reason)
 
-    samples = iter_tar_samples(spec.storage, tar_url)
-    while True:
-        try:
-            sample = next(samples)
-        except StopIteration:
-            break
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            skip(f"{name}:<end>", "truncated tar")
-            log.warning("embed: %s is truncated after %d samples (%s)", tar_url, good, exc)
-            break
-        key = sample["__key__"]
-        data = sample.get("jpg") or sample.get("png") or sample.get("webp") or sample.get("jpeg")
-        caption = (sample.get("txt") or b"").decode("utf-8", errors="replace").strip()
-        if data is None:
-            skip(key, "missing image")
-            continue
-        if not caption:
-            skip(key, "missing caption")
-            continue
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            pixels = clip_model.prepare_image(spec.image_transform, image)
-        except Exception:
-            skip(key, "undecodable image")
-            continue
-        tokens = tokenizer([caption])[0].numpy().astype(np.int32)
-        good += 1
-        yield {
-            "shard": name,
-            "key": key,
-            "caption": caption,
-            "image": pixels,
-            "tokens": tokens,
-            "end": False,
-            "report": "",
-        }
-    yield _end_row(
-        spec, name, {"good": good, "skipped": dict(skipped), "skipped_keys": dict(skipped_keys)}
-    )
+def embedding_problems(image_emb: np.ndarray, text_emb: np.ndarray) -> list[str]:
+    """Per row, why its embeddings are unusable ("" when they are fine): a NaN or inf anywhere
+    (an fp16 overflow, a broken checkpoint), or a zero vector, which has no direction to
+    normalise (the store holds unit vectors)."""
+    out = []
+    for img, txt in zip(image_emb, text_emb, strict=True):
+        if not (np.isfinite(img).all() and np.isfinite(txt).all()):
+            out.append("non-finite embedding")
+        elif min(np.linalg.norm(img), np.linalg.norm(txt)) < 1e-6:
+            out.append("zero embedding")
+        else:
+            out.append("")
+    return out
 
 
 class ClipEncoder:
@@ -133,7 +136,8 @@ class ClipEncoder:
     def __init__(
         self,
         source: ClipSource,
-        checkpoint: str | None,
+        checkpoint: clip_model.Checkpoint | None,
+        storage: Storage,
         precision: str,
         threads: int | None,
         mean: tuple[float, ...],
@@ -144,7 +148,7 @@ class ClipEncoder:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.clip = clip_model.load_clip(source, checkpoint, self.device)
+        self.clip = clip_model.load_clip(source, checkpoint, self.device, storage)
         if precision == "auto":
             precision = "fp16" if self.device == "cuda" else "fp32"
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -161,6 +165,7 @@ class ClipEncoder:
         n, dim = len(end), self.clip.embed_dim
         image_emb = np.zeros((n, dim), np.float16)
         text_emb = np.zeros((n, dim), np.float16)
+        problems = np.full(n, "", dtype=object)
         if len(good):
             pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][good]))
             tokens = torch.from_numpy(np.ascontiguousarray(batch["tokens"][good])).long()
@@ -175,10 +180,12 @@ class ClipEncoder:
             ):
                 img = self.clip.model.encode_image(pixels).float()
                 txt = self.clip.model.encode_text(tokens).float()
-            img = torch.nn.functional.normalize(img, dim=-1)
-            txt = torch.nn.functional.normalize(txt, dim=-1)
-            image_emb[good] = img.cpu().numpy().astype(np.float16)
-            text_emb[good] = txt.cpu().numpy().astype(np.float16)
+            img, txt = img.cpu().numpy(), txt.cpu().numpy()
+            problems[good] = embedding_problems(img, txt)
+            img = img / np.maximum(np.linalg.norm(img, axis=-1, keepdims=True), 1e-12)
+            txt = txt / np.maximum(np.linalg.norm(txt, axis=-1, keepdims=True), 1e-12)
+            image_emb[good] = np.nan_to_num(img).astype(np.float16)
+            text_emb[good] = np.nan_to_num(txt).astype(np.float16)
         return {
             "shard": batch["shard"],
             "key": batch["key"],
@@ -188,11 +195,12 @@ class ClipEncoder:
             "report": batch["report"],
             "image_emb": image_emb,
             "text_emb": text_emb,
+            "problem": problems.astype(str),
         }
 
 
 def describe_clip(
-    source: ClipSource, checkpoint: str | None
+    source: ClipSource, checkpoint: clip_model.Checkpoint | None
 ) -> tuple[Any, tuple, tuple, int, int, int]:
     """The CLIP's preprocessing and sizes, without loading its weights: (image transform, mean,
     std, image size, context length, embedding dim)."""
@@ -226,7 +234,11 @@ def store_header(ident: clip_model.ClipIdentity, embed_dim: int, context: int, m
 
 
 def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str, Any]:
-    """Encode every source shard the store lacks; returns the run's summary."""
+    """Encode every source shard the store lacks; returns the run's summary.
+
+    Raises :class:`UserFacingError` naming the shards that failed (storage errors that outlasted
+    the retries) after every other shard is in the store: a rerun encodes just those.
+    """
     import ray
 
     storage = storage or Storage(cfg.storage)
@@ -237,6 +249,11 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
             f"no complete shards at {source_url} (config key: shards): run `unclip synth` or "
             "`unclip ingest` first"
         )
+    check_cluster_fits(
+        "embed",
+        "encoder actors",
+        ActorPool(cfg.concurrency, cfg.cpus_per_actor, cfg.gpus_per_actor, read_cpus=1),
+    )
     checkpoint = clip_model.resolve_checkpoint(cfg.clip, storage, cfg.root)
     ident = clip_model.identity(cfg.clip, checkpoint)
     transform, mean, std, image_size, context, embed_dim = describe_clip(cfg.clip, checkpoint)
@@ -247,9 +264,17 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
     header["clip_source"] = clip_model.located(cfg.clip, storage, cfg.root)
     store.open_for_writing({**header, "source": source_url})
 
-    done = store.completed()
+    versions = storage.list_details(source_url)  # one listing: every source tar's size and ETag
     tars = [shard_urls(source_url, i)["tar"] for i in shard_ids]
-    todo = [t for t in tars if source_name(t) not in done]
+    done = store.completed()
+    changed = changed_sources(done, versions)
+    if changed:
+        log.warning(
+            "embed: %d source shards changed since they were encoded (%s); encoding them again",
+            len(changed),
+            ", ".join(sorted(changed)[:10]),
+        )
+    todo = [t for t in tars if source_name(t) not in done or source_name(t) in changed]
     log.info(
         "embed: %d of %d source shards to encode with %s into %s",
         len(todo),
@@ -258,7 +283,7 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
         store.url,
     )
     started = time.time()
-    rows_written = skipped_now = 0
+    gatherer = ShardGatherer(store, source_url, versions)
     if todo:
         spec = ReadSpec(storage, cfg.clip, transform, image_size, context)
         inputs = ray.data.from_items([{"tar": t} for t in todo], override_num_blocks=len(todo))
@@ -268,17 +293,17 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
             fn_constructor_kwargs={
                 "source": cfg.clip,
                 "checkpoint": checkpoint,
+                "storage": storage,
                 "precision": cfg.precision,
                 "threads": cfg.threads_per_actor,
                 "mean": mean,
                 "std": std,
             },
             batch_size=cfg.batch_size,
-            concurrency=cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_gpus=cfg.gpus_per_actor,
             num_cpus=cfg.cpus_per_actor,
         )
-        gatherer = ShardGatherer(store, source_url)
 
         def stalled(seconds: float) -> str:
             return (
@@ -291,46 +316,65 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
 
         batches = encoded.iter_batches(batch_size=None, batch_format="numpy")
         for batch in iter_until_stalled(batches, cfg.stall_timeout_s, stalled):
-            for written, skipped in gatherer.add(batch):
-                rows_written += written
-                skipped_now += skipped
-        if gatherer.pending:
-            raise UserFacingError(
-                f"embedding ended with incomplete shards: {sorted(gatherer.pending)}"
-            )
+            gatherer.add(batch)
+        for name in sorted(gatherer.pending):  # rows with no end marker: never silently kept
+            gatherer.failed[name] = "its read ended without its end marker"
     elapsed = time.time() - started
     manifest = store.finalize_manifest()
+    if gatherer.failed:
+        failed = sorted(gatherer.failed.items())
+        raise UserFacingError(
+            f"embed: {len(failed)} of {len(todo)} source shards failed and were not recorded "
+            f"(the other {len(todo) - len(failed)} are in {store.url}); rerun `unclip embed` to "
+            "encode them: "
+            + "; ".join(f"{name}: {reason}" for name, reason in failed[:20])
+            + (f"; and {len(failed) - 20} more" if len(failed) > 20 else "")
+        )
     return {
         "store": store.url,
         "clip": ident.id,
         "shards": len(manifest["shards"]),
         "shards_encoded_now": len(todo),
         "rows": manifest["rows"],
-        "rows_encoded_now": rows_written,
+        "rows_encoded_now": gatherer.rows_written,
         "skipped": manifest["skipped"],
-        "skipped_now": skipped_now,
+        "skipped_now": gatherer.skipped,
         "seconds": round(elapsed, 2),
-        "samples_per_second": round(rows_written / elapsed, 1)
-        if rows_written and elapsed
+        "samples_per_second": round(gatherer.rows_written / elapsed, 1)
+        if gatherer.rows_written and elapsed
         else None,
     }
 
 
 class ShardGatherer:
-    """Collects encoded rows per source shard and publishes each shard once it is whole."""
+    """Collects encoded rows per source shard and publishes each shard once it is whole.
 
-    def __init__(self, store: EmbeddingStore, source_url: str) -> None:
+    A shard is whole when its end marker has arrived and as many rows as it counted; its store
+    file and completion record are then written (with the source tar's size and version, which
+    bind the record to the bytes it was made from). A shard whose read failed, or whose write
+    fails after the retries, is put in ``failed`` with the reason and gets no record.
+    """
+
+    def __init__(
+        self, store: EmbeddingStore, source_url: str, versions: dict[str, dict[str, Any]]
+    ) -> None:
         self.store = store
         self.source_url = source_url
+        self.versions = versions
         self.pending: dict[str, dict[str, Any]] = {}
+        self.failed: dict[str, str] = {}
+        self.rows_written = 0
+        self.skipped = 0
 
-    def add(self, batch: dict[str, np.ndarray]) -> Iterator[tuple[int, int]]:
-        """Take a batch; yields (rows, skipped) for each shard it completes."""
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Take a batch of encoded rows; publishes the shards it completes."""
         for i in range(len(batch["key"])):
             name = str(batch["shard"][i])
-            entry = self.pending.setdefault(name, {"rows": [], "report": None})
+            entry = self.pending.setdefault(name, {"rows": [], "bad": [], "report": None})
             if bool(batch["end"][i]):
                 entry["report"] = json.loads(batch["report"][i])
+            elif batch["problem"][i]:
+                entry["bad"].append((str(batch["key"][i]), str(batch["problem"][i])))
             else:
                 entry["rows"].append(
                     (
@@ -342,38 +386,46 @@ class ShardGatherer:
                     )
                 )
             report = entry["report"]
-            if report is not None and len(entry["rows"]) == report["good"]:
-                yield self._publish(name, entry)
+            if report is not None and "failed" in report:
+                del self.pending[name]
+                self.failed[name] = report["failed"]
+            elif report is not None and len(entry["rows"]) + len(entry["bad"]) == report["good"]:
+                self._publish(name, entry)
 
-    def _publish(self, name: str, entry: dict[str, Any]) -> tuple[int, int]:
+    def _publish(self, name: str, entry: dict[str, Any]) -> None:
         del self.pending[name]
         rows = sorted(entry["rows"], key=lambda r: r[0])
-        dim = self.store_dim(rows)
-        keys = [r[0] for r in rows]
+        manifest = self.store.manifest()
+        dim, context = int(manifest["embed_dim"]), int(manifest["tokenizer"]["context_length"])
         table = to_table(
-            keys,
+            [r[0] for r in rows],
             [r[1] for r in rows],
             np.stack([r[2] for r in rows]) if rows else np.zeros((0, dim), np.float16),
             np.stack([r[3] for r in rows]) if rows else np.zeros((0, dim), np.float16),
-            np.stack([r[4] for r in rows]) if rows else np.zeros((0, self.context()), np.int32),
+            np.stack([r[4] for r in rows]) if rows else np.zeros((0, context), np.int32),
         )
         report = entry["report"]
+        skips = Skips(Counter(report["skipped"]), dict(report["skipped_keys"]))
+        for key, problem in sorted(entry["bad"]):
+            skips.add(key, problem, name)
+        source = shard_urls(self.source_url, int(name))["tar"] if name.isdigit() else name
+        version = self.versions.get(source, {})
         record = {
-            "source": shard_urls(self.source_url, int(name))["tar"] if name.isdigit() else name,
-            "skipped": report["skipped"],
-            "skipped_keys": report["skipped_keys"],
+            "source": source,
+            "source_size": version.get("size"),
+            "source_version": version.get("version"),
+            **skips.to_json(),
             "written_at": time.time(),
         }
-        self.store.write_shard(name, table, record)
-        skipped = sum(report["skipped"].values())
-        log.info("embed: shard %s: %d rows, %d skipped", name, len(rows), skipped)
-        return len(rows), skipped
-
-    def store_dim(self, rows: list) -> int:
-        return len(rows[0][2]) if rows else int(self.store.manifest()["embed_dim"])
-
-    def context(self) -> int:
-        return int(self.store.manifest()["tokenizer"]["context_length"])
+        try:
+            self.store.write_shard(name, table, record)
+        except StorageError as exc:
+            log.error("embed: shard %s could not be written: %s", name, exc)
+            self.failed[name] = f"writing it failed: {exc}"
+            return
+        log.info("embed: shard %s: %d rows, %d skipped", name, len(rows), skips.total())
+        self.rows_written += len(rows)
+        self.skipped += skips.total()
 
 
 def embed_summary_line(summary: dict[str, Any]) -> str:

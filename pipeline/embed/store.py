@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import iter_tar_samples, shard_urls
+from pipeline.data.reader import Skips, read_samples
+from pipeline.data.shards import shard_urls
 from pipeline.errors import UserFacingError
-from pipeline.storage import Storage, basename, join
+from pipeline.storage import Storage, basename, is_local, join
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +133,19 @@ class EmbeddingStore:
         """Create the store, or check that an existing one was made by the same CLIP.
 
         ``header`` holds the identity fields (clip, embed_dim, dtype, normalization, tokenizer).
-        A store made by another CLIP, or with other dims or tokenizer, is refused, not mixed.
+        A store made by another CLIP, or with other dims or tokenizer, is refused, not mixed; so
+        is a store made from other source shards (``source``): keys repeat across datasets
+        (img2dataset numbers every dataset's samples from 0), so the image stages would pair one
+        dataset's images with another's embeddings.
         """
         if self.exists():
             current = self.manifest()
+            if current.get("source") and not same_place(current["source"], header["source"]):
+                raise UserFacingError(
+                    f"the embedding store at {self.url} holds the source shards at "
+                    f"{current['source']}, not {header['source']} (config key: shards): a store "
+                    "is bound to one source; write to another store (store= or clip_id=)"
+                )
             for field in ("clip", "embed_dim", "dtype", "normalization", "tokenizer"):
                 if current.get(field) != header.get(field):
                     raise UserFacingError(
@@ -173,6 +184,24 @@ class EmbeddingStore:
             if url.endswith(".json"):
                 records[basename(url)[: -len(".json")]] = self.storage.read_json(url)
         return records
+
+    def check_source(self, shards_url: str) -> None:
+        """Refuse to pair this store with source shards it was not made from, or that changed
+        since (the size and version each completion record keeps of its tar; one listing)."""
+        source = self.manifest().get("source")
+        if source and not same_place(source, shards_url):
+            raise UserFacingError(
+                f"the embedding store at {self.url} was made from the source shards at {source}, "
+                f"not {shards_url} (config key: shards): use that folder, or embed this one into "
+                "its own store"
+            )
+        changed = changed_sources(self.completed(), self.storage.list_details(shards_url))
+        if changed:
+            raise UserFacingError(
+                f"{len(changed)} source shards under {shards_url} changed since they were "
+                f"embedded into {self.url} ({', '.join(changed[:10])}): rerun `unclip embed`, "
+                "which encodes them again"
+            )
 
     def write_shard(self, name: str, table: pa.Table, record: dict[str, Any]) -> None:
         """Publish one source shard: its parquet, then its completion record."""
@@ -219,8 +248,9 @@ def iter_shard_with_embeddings(
     columns: Sequence[str] = ("image_emb", "text_tokens", "caption"),
 ) -> Iterator[dict[str, Any]]:
     """Stream one source tar, yielding each sample the store has: the encoded image bytes beside
-    the store's columns for its key. Samples the store skipped (bad images, no caption) are left out.
-    """
+    the store's columns for its key. Samples the store skipped (bad images, no caption) are left out;
+    the tar is read by the one reader (:func:`pipeline.data.reader.read_samples`), so a tar that
+    cannot be read fails the task after the storage retries instead of training on less."""
     table = store.read_shard(name, ["key", *columns])
     index = {key: i for i, key in enumerate(table.column("key").to_pylist())}
     arrays = {
@@ -236,18 +266,15 @@ def iter_shard_with_embeddings(
         if shard_id is not None
         else join(shards_url, f"{name}.tar")
     )
-    try:
-        for sample in iter_tar_samples(storage, tar):
-            i = index.get(sample["__key__"])
-            image = sample.get("jpg") or sample.get("png") or sample.get("webp")
-            if i is None or image is None:
-                continue
-            row = {"key": sample["__key__"], "image_bytes": image}
-            for c in columns:
-                row[c] = arrays[c][i] if arrays[c] is not None else values[c][i]
-            yield row
-    except Exception as exc:  # a truncated tar: the store already skipped what was cut off
-        log.warning("stopped reading %s: %s", tar, exc)
+    skips = Skips()
+    for sample in read_samples(storage, tar, skips, need_caption=False):
+        i = index.get(sample.key)
+        if i is None:
+            continue
+        row = {"key": sample.key, "image_bytes": sample.image}
+        for c in columns:
+            row[c] = arrays[c][i] if arrays[c] is not None else values[c][i]
+        yield row
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -275,15 +302,43 @@ def image_dataset(
     names = sorted(store.completed())
     if not names:
         raise UserFacingError(f"the embedding store at {store.url} has no completed shards")
+    store.check_source(shards_url)
 
     def read(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        skips = Skips()
         for row in iter_shard_with_embeddings(storage, shards_url, store, item["name"], columns):
-            image = decode_image(row.pop("image_bytes"), image_size)
+            try:
+                image = decode_image(row.pop("image_bytes"), image_size)
+            except Exception:
+                skips.add(row["key"], "undecodable image", item["name"])
+                continue
             yield {"image": image, **row}
 
     return ray.data.from_items(
         [{"name": n} for n in names], override_num_blocks=len(names)
     ).flat_map(read)
+
+
+def changed_sources(
+    records: dict[str, dict[str, Any]], listing: dict[str, dict[str, Any]]
+) -> list[str]:
+    """The shards whose completion record names another version of its source tar than the
+    listing of the source folder shows (matched by file name; records without one are trusted)."""
+    versions = {basename(url): details.get("version") for url, details in listing.items()}
+    return sorted(
+        name
+        for name, record in records.items()
+        if record.get("source_version")
+        and versions.get(basename(record.get("source", ""))) != record["source_version"]
+    )
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two URLs name the same folder (local paths compared absolute)."""
+    if is_local(a) and is_local(b):
+        strip = lambda u: u[len("file://") :] if u.startswith("file://") else u  # noqa: E731
+        return os.path.abspath(strip(a)) == os.path.abspath(strip(b))
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def source_name(tar_url: str) -> str:

@@ -16,6 +16,12 @@ gives the same image. The checkpoints are found and checked once on the driver (
 before any Ray resource is asked for, and every actor loads those same checkpoints. Files are
 written atomically (``Storage.write_bytes``): a rerun replaces them whole, and the index appears
 only once every image is there.
+
+Before the actor pool is asked for, it is checked against the cluster (``concurrency`` ×
+``cpus_per_actor`` and × GPUs per actor, :mod:`pipeline.cluster.preflight`): a pool that cannot
+start fails at once instead of waiting for ever. While it runs, a stall watchdog
+(``stall_timeout_s``, :mod:`pipeline.cluster.watchdog`) fails the job when no generated rows
+arrive for that long, e.g. when a lost node leaves the pool without room.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import io
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from pipeline.cascade_config import GenerateConfig
+from pipeline.cluster.preflight import ActorPool, check_cluster_fits
+from pipeline.cluster.watchdog import iter_until_stalled
 from pipeline.errors import UserFacingError
 from pipeline.generate.cascade import CascadePlan, load_cascade, plan_cascade
 from pipeline.storage import Storage, join
@@ -109,6 +118,36 @@ def _gpus(cfg: GenerateConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def actor_pool(cfg: GenerateConfig, gpus: float) -> ActorPool:
+    """What the generator pool asks of the cluster, ``gpus`` per actor (:func:`_gpus`). No CPU
+    is kept for reading: the rows are in memory (``from_items``), with no read tasks to feed
+    the pool."""
+    auto = cfg.gpus_per_actor is None
+    shown = f"gpus_per_actor=null ({gpus:g} each on this cluster)" if auto else None
+    return ActorPool(cfg.concurrency, cfg.cpus_per_actor, gpus, read_cpus=0, gpus_key=shown)
+
+
+def gather(batches: Iterable[Any], total: int, images: str, timeout_s: float | None) -> list[Any]:
+    """The generated rows' tables as the pool returns them; raises ``PipelineStalled`` when
+    none arrives for ``timeout_s`` (None: wait forever), saying what is written and what to do."""
+    tables: list[Any] = []
+    done = 0
+
+    def stalled(seconds: float) -> str:
+        return (
+            f"generate stalled: no generated images for {seconds:.0f} s (config key: "
+            f"stall_timeout_s). At least {done} of {total} images are written under {images}; "
+            "the index is written only once every image is there, so rerun the job (it "
+            "generates every row again, the same images). After a lost node, the generator "
+            "actors (concurrency × cpus_per_actor, gpus_per_actor) may not fit on the nodes left."
+        )
+
+    for table in iter_until_stalled(batches, timeout_s, stalled):
+        tables.append(table)
+        done += table.num_rows
+    return tables
+
+
 def run_generate(cfg: GenerateConfig, storage: Storage | None = None) -> dict[str, Any]:
     """Generate every row of the caption file; returns the run's summary."""
     import pyarrow as pa
@@ -133,6 +172,7 @@ def run_generate(cfg: GenerateConfig, storage: Storage | None = None) -> dict[st
     rows = job_rows(captions, cfg.samples_per_caption, cfg.seed)
     connect(cfg.ray)
     gpus = _gpus(cfg)
+    check_cluster_fits("generate", "generator actors", actor_pool(cfg, gpus))
     log.info(
         "generate: %d images of %d captions with %d actor(s) (%g GPU each) into %s",
         len(rows),
@@ -156,7 +196,8 @@ def run_generate(cfg: GenerateConfig, storage: Storage | None = None) -> dict[st
         num_gpus=gpus,
         num_cpus=cfg.cpus_per_actor,
     )
-    tables = [t for t in generated.iter_batches(batch_size=None, batch_format="pyarrow")]
+    batches = generated.iter_batches(batch_size=None, batch_format="pyarrow")
+    tables = gather(batches, len(rows), join(output, "images"), cfg.stall_timeout_s)
     index = pa.concat_tables(tables).select(["key", "caption", "seed", "path"])
     index = index.sort_by("key")
     if index.num_rows != len(rows):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,8 +131,11 @@ def find_checkpoint(storage: Storage, url: str, stage: str, role: str) -> StageC
 class CascadePlan:
     """The checked checkpoints of a cascade and the CLIP that encodes its inputs (plain data).
 
-    ``clip`` is the CLIP source with its weights as an absolute URL (or an open_clip tag), and
-    ``clip_id`` the identity of the CLIP that made the decoder's embedding store.
+    ``clip`` is the CLIP source with its weights as an absolute URL (or an open_clip tag),
+    ``clip_id`` the identity of the CLIP that made the decoder's embedding store, and
+    ``clip_checkpoint`` its weights as the planning process resolved them
+    (:func:`clip_model.resolve_checkpoint`: a local path, or a ref pinned by sha256 that each
+    process fetches into its node's cache), so every actor loads the CLIP that was checked.
     """
 
     decoder: StageCheckpoint
@@ -141,6 +143,7 @@ class CascadePlan:
     upsamplers: tuple[StageCheckpoint, ...]
     clip: ClipSource
     clip_id: str
+    clip_checkpoint: clip_model.Checkpoint | None
 
     @property
     def resolutions(self) -> list[int]:
@@ -199,17 +202,8 @@ def _check_chain(decoder: StageCheckpoint, upsamplers: Sequence[StageCheckpoint]
 def _absolute_clip(source: ClipSource, storage: Storage, root: str) -> ClipSource:
     """``source`` with a path-like ``pretrained`` made an absolute URL of the weights file (a
     train-clip run folder becomes its latest checkpoint's weights), so any process can load it."""
-    pretrained = source.pretrained
-    if not pretrained or not clip_model.is_checkpoint_path(pretrained):
-        return source
-    url = resolve(root, pretrained)
-    if is_local(url) and not url.startswith("file://"):
-        url = os.path.abspath(url)
-    if storage.isdir(url):
-        url = clip_model.latest_clip_weights(storage, url)
-    if not storage.exists(url):
-        raise UserFacingError(f"CLIP checkpoint {url} does not exist (config key: clip.pretrained)")
-    return dataclasses.replace(source, pretrained=url)
+    url = clip_model.checkpoint_url(source, storage, root)
+    return dataclasses.replace(source, pretrained=url) if url else source
 
 
 def _store_clip(storage: Storage, decoder: StageCheckpoint) -> ClipSource:
@@ -251,7 +245,7 @@ def plan_cascade(
     """Find and check every checkpoint of a cascade, and the CLIP for its inputs (module
     docstring). Paths are relative to ``root`` unless absolute URLs; ``clip`` None takes the CLIP
     from the decoder's embedding store. Reads no weights except the CLIP checkpoint's, which is
-    hashed to check that it is the store's CLIP."""
+    hashed (streamed, not copied) to check that it is the store's CLIP."""
     dec = find_checkpoint(storage, resolve(root, decoder), DECODER, "decoder")
     pri = find_checkpoint(storage, resolve(root, prior), PRIOR, "prior") if prior else None
     ups = tuple(
@@ -271,7 +265,7 @@ def plan_cascade(
             f"but the decoder {dec.url} was trained on embeddings of {expected!r}: give the CLIP "
             "that made its embedding store (config key: clip)"
         )
-    return CascadePlan(dec, pri, ups, source, expected or found)
+    return CascadePlan(dec, pri, ups, source, expected or found, checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,8 +402,7 @@ def load_cascade(
 ) -> Cascade:
     """Load every model of ``plan`` (EMA weights, eval mode) and its CLIP onto ``device``."""
     device = pick_device(device) if isinstance(device, str) else device
-    checkpoint = clip_model.resolve_checkpoint(plan.clip, storage, root="")
-    clip = clip_model.load_clip(plan.clip, checkpoint, str(device))
+    clip = clip_model.load_clip(plan.clip, plan.clip_checkpoint, str(device), storage)
     for ckpt in (plan.prior, plan.decoder):
         if ckpt is not None and int(ckpt.info.get("embed_dim", clip.embed_dim)) != clip.embed_dim:
             raise UserFacingError(

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from pipeline import pictures
-from pipeline.data.shards import completed_shards, iter_tar_samples, shard_urls
+from pipeline.data.reader import Skips, read_samples
+from pipeline.data.shards import completed_shards, shard_urls
 from pipeline.embed.store import EmbeddingStore, column_array, decode_image, image_dataset
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import (
@@ -66,15 +67,15 @@ def shard_images(storage: Storage, folder: str, image_size: int):
         )
 
     def read(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        for sample in iter_tar_samples(storage, shard_urls(folder, item["id"])["tar"]):
-            data = sample.get("jpg") or sample.get("png") or sample.get("webp")
-            if data is None:
-                continue
+        url = shard_urls(folder, item["id"])["tar"]
+        skips = Skips()  # one policy (pipeline.data.reader): bad samples skipped and logged
+        for sample in read_samples(storage, url, skips):
             try:
-                image = decode_image(data, image_size)
+                image = decode_image(sample.image, image_size)
             except Exception:
-                continue  # the embedding job counts bad images; here they are just not used
-            yield {"image": image, "caption": (sample.get("txt") or b"").decode("utf-8", "replace")}
+                skips.add(sample.key, "undecodable image", url)
+                continue
+            yield {"image": image, "caption": sample.caption}
 
     return ray.data.from_items([{"id": i} for i in ids], override_num_blocks=len(ids)).flat_map(
         read
