@@ -3,7 +3,9 @@ as a Ray job on a cluster, with its logs streamed here and its final status as t
 
 Everything after the command that ``submit`` does not know is the command's own arguments
 (``--config FILE``, ``key=value`` overrides, inputs, flags); they are checked here with the
-command's own parser and config before anything is sent. See :mod:`pipeline.cluster.submit`.
+command's own parser and config before anything is sent. A secret config field
+(``storage.secret_access_key=...``) is refused before anything else, as it would be readable in the
+job's entrypoint on the dashboard. See :mod:`pipeline.cluster.submit`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jobs.entry import (
     PROJECT_ROOT,
     build_parser,
     load_stage_config,
+    resolve_config_path,
     setup_logging,
     stage_overrides,
 )
@@ -63,7 +66,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         default=[],
         metavar="NAME[=VALUE]",
         help="an environment variable for the job (NAME alone copies this machine's value); "
-        "AWS_ENDPOINT_URL and the region are forwarded already, credentials are not",
+        "AWS_ENDPOINT_URL (without any user:password@) and the region are forwarded already, "
+        "credentials are not",
     )
     parser.add_argument(
         "--runtime-env", type=Path, help="a YAML/JSON Ray runtime environment to start from"
@@ -103,6 +107,17 @@ def _without_config(args: Sequence[str]) -> list[str]:
     return out
 
 
+def _refuse_secrets(
+    stage_config_cls: type, config: str | None, overrides: Sequence[str], uploaded: bool
+) -> None:
+    """Refuse secret config values that would travel with the job: in ``overrides`` (its
+    entrypoint), and in the config file when it is ``uploaded`` with the working directory. Runs
+    before the config is loaded, so that no loader error can echo a secret override back."""
+    path = resolve_config_path(config)
+    data = configlib.read_yaml(path) if uploaded and path and "://" not in path else None
+    jobs_api.refuse_secrets(stage_config_cls, overrides, data, path)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit") -> int:
     parser = _parser(prog)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -111,8 +126,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.submit")
     module = f"jobs.{stage.module}"
     stage_args = build_parser(stage, f"unclip {args.command}").parse_intermixed_args(rest)
     try:
-        # checked here, before the cluster is contacted
-        load_stage_config(stage, stage_args.config, stage_overrides(stage, stage_args))
+        # checked here, before the cluster is contacted; secrets first, before any echo of a value
+        overrides = stage_overrides(stage, stage_args)
+        _refuse_secrets(stage.config_cls, stage_args.config, overrides, not args.installed)
+        load_stage_config(stage, stage_args.config, overrides)
         runtime_env = {}
         if args.runtime_env is not None:
             runtime_env = configlib.read_yaml(str(args.runtime_env))

@@ -106,10 +106,25 @@ def test_each_rayjob_runs_a_real_module_and_config_that_fits_its_workers(name: s
     if need_gpus:  # sized to the stage: not more GPUs than it uses
         assert gpus == need_gpus, (name, need_gpus, gpus)
     assert spec["rayVersion"] == render.RAY_VERSION
+    assert spec["authOptions"] == {"mode": "token", "secretName": render.TOKEN_SECRET}
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     for container in _containers(spec):
         assert {"secretRef": {"name": render.STORAGE_SECRET}} in container["envFrom"]
         assert not any("SECRET" in e["name"] or "KEY" in e["name"] for e in container["env"])
+
+
+def test_every_rendered_cluster_uses_token_auth_as_its_pods_hold_the_storage_secret() -> None:
+    # issue 16: only the RayCluster had authOptions, while every RayJob's pods got the credentials
+    docs = [yaml.safe_load(t) for t in render.render("my/unclip:1", "s3://b/u").values()]
+    jobs = [d for d in docs if d["kind"] == "RayJob"]
+    assert len(jobs) == len(render.STAGES) and len(docs) == len(jobs) + 1
+    for doc in docs:
+        spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+        assert spec["authOptions"] == {"mode": "token", "secretName": render.TOKEN_SECRET}, doc
+        assert any(
+            {"secretRef": {"name": render.STORAGE_SECRET}} in c["envFrom"]
+            for c in _containers(spec)
+        )
 
 
 def test_raycluster_autoscales_cpu_and_gpu_groups_with_token_auth() -> None:

@@ -4,6 +4,7 @@ authentication on), reading and writing the moto S3 endpoint."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from helpers import free_port, tiny_clip_checkpoint
 from jobs import submit as submit_cli
 from pipeline.cluster import submit as jobs_api
 from pipeline.errors import UserFacingError
+from pipeline.storage import Secret, StorageOptions
+from unclip.fields import param
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -165,3 +168,129 @@ def test_embed_then_prior_run_as_ray_jobs_on_s3(ray_head, s3_bucket, tmp_path, m
     assert checkpoint is not None
     assert storage.read_json(join(checkpoint, "state.json"))["step"] == 10
     assert token not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Secrets stay on this machine (issue 16)
+
+SECRET = "XYZ-unclip-override-secret-7Qm"
+
+
+class _NoCluster:
+    """Stands in for the cluster API: any contact fails the test."""
+
+    def __init__(self, monkeypatch) -> None:
+        monkeypatch.setattr(jobs_api, "connect", self._contact)
+        monkeypatch.setattr(jobs_api, "submit", self._contact)
+
+    @staticmethod
+    def _contact(*args, **kwargs):
+        raise AssertionError("the cluster was contacted")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (f"storage.secret_access_key={SECRET}", "storage.secret_access_key"),
+        (f"storage.access_key_id={SECRET}", "storage.access_key_id"),
+        (f"storage={{secret_access_key: {SECRET}}}", "storage.secret_access_key"),
+    ],
+    ids=["secret_access_key", "access_key_id", "section"],
+)
+@pytest.mark.parametrize("mode", ["--dry-run", "submit"])
+def test_a_secret_override_is_refused_before_the_cluster_naming_only_its_key(
+    override: str, key: str, mode: str, capsys, monkeypatch
+) -> None:
+    _NoCluster(monkeypatch)
+    where = ["--dry-run"] if mode == "--dry-run" else ["--address", "http://127.0.0.1:9"]
+    code = submit_cli.main(["train-prior", *where, override], prog="unclip submit")
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert f"override {key}=...: {key} is a secret" in err and "--env NAME" in err
+    assert len(err.strip().splitlines()) == 1
+    assert SECRET not in out + err
+
+
+@dataclass
+class _Inner:
+    token: str | None = param(None, "declared secret", secret=True)
+    password: Secret | None = param(None, "typed secret")
+    name: str = param("x", "not secret")
+
+
+@dataclass
+class _Outer:
+    inner: _Inner | None = param(None, "an optional section")
+    store: StorageOptions = param(factory=StorageOptions, doc="nested")
+
+
+def test_secret_keys_are_found_from_the_fields_themselves() -> None:
+    from pipeline.stage_config import PriorConfig
+
+    assert jobs_api.secret_keys(PriorConfig) == {
+        "storage.access_key_id",
+        "storage.secret_access_key",
+    }
+    assert jobs_api.secret_keys(_Outer) == {
+        "inner.token",
+        "inner.password",
+        "store.access_key_id",
+        "store.secret_access_key",
+    }
+
+
+def test_a_secret_set_to_null_gives_nothing_away_and_is_let_through(capsys, monkeypatch) -> None:
+    _NoCluster(monkeypatch)
+    code = submit_cli.main(["train-prior", "--dry-run", "storage.secret_access_key=null"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_a_secret_in_an_uploaded_config_file_is_refused(tmp_path, capsys, monkeypatch) -> None:
+    _NoCluster(monkeypatch)
+    config = tmp_path / "prior.yaml"
+    config.write_text(f"storage:\n  secret_access_key: {SECRET}\n")
+    code = submit_cli.main(
+        ["train-prior", "--dry-run", "--working-dir", str(tmp_path), "--config", str(config)]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert f"{config}: storage.secret_access_key is set" in err
+    assert SECRET not in out + err
+    # installed, the file is not sent: the job reads the cluster's own copy of the path
+    code = submit_cli.main(["train-prior", "--dry-run", "--installed", "--config", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert SECRET not in out + err
+
+
+def test_the_endpoint_is_forwarded_without_its_credentials(capsys, monkeypatch) -> None:
+    environ = {
+        "AWS_ENDPOINT_URL": f"http://minio-user:{SECRET}@minio:9000/path",
+        "AWS_ENDPOINT_URL_S3": f"https://{SECRET}@s3.example:443",
+        "AWS_REGION": "eu-west-1",
+    }
+    assert jobs_api.environment([], environ) == {
+        "AWS_ENDPOINT_URL": "http://minio:9000/path",
+        "AWS_ENDPOINT_URL_S3": "https://s3.example:443",
+        "AWS_REGION": "eu-west-1",
+    }
+    assert jobs_api.environment([], {"AWS_ENDPOINT_URL": "http://minio:9000"}) == {
+        "AWS_ENDPOINT_URL": "http://minio:9000"
+    }
+
+    # the whole command: what is submitted and what is printed
+    for name in ("AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    sent = []
+    monkeypatch.setattr(jobs_api, "connect", lambda address, headers: object())
+    monkeypatch.setattr(jobs_api, "submit", lambda client, sub: sent.append(sub) or "job-1")
+    code = submit_cli.main(["train-prior", "--address", "http://head:8265", "--no-wait"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (sub,) = sent
+    assert sub.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://minio:9000/path"
+    assert sub.runtime_env["env_vars"]["AWS_ENDPOINT_URL_S3"] == "https://s3.example:443"
+    assert SECRET not in repr(sub) and SECRET not in out + err
+    assert "submitted job-1 to http://head:8265" in out

@@ -14,10 +14,13 @@ Runtime environment, two ways:
   config paths are those of its checkout.
 
 Storage settings reach the job as environment variables: the endpoint and region of this machine's
-environment are forwarded (they are not secrets); credentials are not, because a job's runtime
-environment is readable by anyone with the dashboard. The cluster gets those from its own identity
-(an instance role, a Kubernetes secret: see ``infra/``) unless a variable is forwarded by name with
-``--env`` on purpose.
+environment are forwarded (they are not secrets; an endpoint's ``user:password@`` part is dropped);
+credentials are not, because a job's entrypoint and runtime environment are readable by anyone with
+the dashboard. The cluster gets those from its own identity (an instance role, a Kubernetes secret:
+see ``infra/``) unless a variable is forwarded by name with ``--env`` on purpose. For the same
+reason a config field declared secret (``param(..., secret=True)``, e.g.
+``storage.secret_access_key``) is refused as an override, and in a config file that would be
+uploaded with the working directory: :func:`refuse_secrets`.
 
 Token authentication (Ray >= 2.52): a token from ``--token-file``, ``RAY_AUTH_TOKEN`` or
 ``RAY_AUTH_TOKEN_PATH`` is sent as ``Authorization: Bearer``. It is never printed.
@@ -26,17 +29,22 @@ Token authentication (Ray >= 2.52): a token from ``--token-file``, ``RAY_AUTH_TO
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import sys
 import time
+import types
+import typing
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.config import ConfigError, parse_override
 from pipeline.errors import UserFacingError
+from pipeline.storage import Secret, redact_url
 
 # Forwarded from the submitting environment when set: where storage is, not who may use it.
 FORWARDED_ENV: tuple[str, ...] = (
@@ -45,6 +53,8 @@ FORWARDED_ENV: tuple[str, ...] = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
 )
+# Of those, the URLs: forwarded without any ``user:password@`` part.
+FORWARDED_URLS: frozenset[str] = frozenset({"AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"})
 
 # Never uploaded with the working directory, whatever .gitignore says.
 EXCLUDES: tuple[str, ...] = (
@@ -107,10 +117,13 @@ def job_config_path(config: str, project: Path, working_dir: Path | None) -> str
 def environment(
     requested: Sequence[str], environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The job's environment variables: storage location from ``environ``, plus ``requested``
-    (``NAME=value``, or ``NAME`` to copy this machine's value)."""
+    """The job's environment variables: storage location from ``environ`` (endpoint URLs without
+    credentials in them), plus ``requested`` (``NAME=value``, or ``NAME`` to copy this machine's
+    value: what is named is sent as it is, on purpose)."""
     environ = os.environ if environ is None else environ
-    env = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+    env = {
+        name: forwarded_value(name, environ[name]) for name in FORWARDED_ENV if environ.get(name)
+    }
     for item in requested:
         name, sep, value = item.partition("=")
         if not _ENV_NAME.match(name):
@@ -121,6 +134,96 @@ def environment(
             value = environ[name]
         env[name] = value
     return env
+
+
+def forwarded_value(name: str, value: str) -> str:
+    """The value of forwarded variable ``name`` as the job gets it: a URL loses its
+    ``user:password@`` part, which would otherwise sit in the job's info on the dashboard."""
+    return redact_url(value) if name in FORWARDED_URLS else value
+
+
+# ----------------------------------------------------------------------------------------------
+# Secret config fields stay on this machine
+
+
+def secret_keys(config_cls: type, prefix: str = "") -> frozenset[str]:
+    """The dotted key of every secret field of ``config_cls`` and of its sections: a field declared
+    ``param(..., secret=True)`` or typed :class:`~pipeline.storage.Secret`, found from the dataclass
+    fields themselves so that a secret added anywhere is covered without a list to keep."""
+    hints = typing.get_type_hints(config_cls)
+    keys: set[str] = set()
+    for f in dataclasses.fields(config_cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        kinds = _types_in(hints[f.name])
+        if f.metadata.get("secret") or Secret in kinds:
+            keys.add(key)
+        for section in kinds:
+            if dataclasses.is_dataclass(section):
+                keys |= secret_keys(section, key)
+    return frozenset(keys)
+
+
+def _types_in(hint: Any) -> tuple[Any, ...]:
+    """``hint`` itself, or the members of a union (``StorageOptions | None``, ``Secret | None``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _leaves(key: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """Every dotted key a ``key: value`` setting reaches (a mapping value sets its keys below)."""
+    if isinstance(value, Mapping):
+        for sub, inner in value.items():
+            yield from _leaves(f"{key}.{sub}", inner)
+    else:
+        yield key, value
+
+
+def secrets_given(secrets: frozenset[str], key: str, value: Any) -> list[str]:
+    """The secret keys among ``secrets`` that setting ``key`` to ``value`` gives a value (null or an
+    empty string gives none)."""
+    found = []
+    for leaf, inner in _leaves(key, value):
+        if inner is None or inner == "":
+            continue
+        found += [s for s in secrets if leaf == s or leaf.startswith(s + ".")]
+    return sorted(set(found))
+
+
+_HOW = (
+    "a credential is never sent with a job (its entrypoint and runtime environment are readable by "
+    "anyone with the dashboard): let the cluster use its own identity (an instance role, or the "
+    "Kubernetes Secret of infra/GUIDE.md), or forward a variable of this shell by name on purpose "
+    "with --env NAME"
+)
+
+
+def refuse_secrets(
+    config_cls: type,
+    overrides: Sequence[str],
+    config_data: Mapping[str, Any] | None = None,
+    config_path: str | None = None,
+) -> None:
+    """Raise a one-line :class:`ConfigError` naming the first secret key that ``overrides`` (which
+    would be the job's entrypoint) or ``config_data`` (a config file that would be uploaded with the
+    working directory, read from ``config_path``) gives a value. The message never holds the value.
+    Overrides that do not parse are left to the config loader."""
+    secrets = secret_keys(config_cls)
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError:
+            continue
+        found = secrets_given(secrets, key, value)
+        if found:
+            raise ConfigError(f"override {found[0]}=...: {found[0]} is a secret; {_HOW}")
+    for key, value in (config_data or {}).items():
+        found = secrets_given(secrets, str(key), value)
+        if found:
+            raise ConfigError(
+                f"{config_path}: {found[0]} is set, and the file would be uploaded with the "
+                f"working directory; {_HOW} (or pass --installed to use the cluster's own copy)"
+            )
 
 
 def build_submission(
