@@ -14,6 +14,7 @@ The YAML files in ``configs/<stage>/`` set these fields; ``pipeline.config.load`
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +23,74 @@ from unclip.config import DecoderNetConfig, DiffusionConfig, PriorNetConfig, Ups
 from unclip.fields import param, require
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and folders that are joined into URLs
+
+
+def _control_character(value: str) -> str | None:
+    return next((ch for ch in value if unicodedata.category(ch) == "Cc"), None)
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` is not one plain folder name (None when it is). A name is joined into a URL
+    as one path segment (``<root>/checkpoints/<run>``), so it must not name another folder
+    (``.``, ``..``, a ``/`` or ``\\`` separator), be hidden (storage listings skip names starting
+    with ``.``, so a checkpoint or store there would never be found), or hold control characters."""
+    if not value.strip():
+        return "it is empty or blank"
+    if value in (".", ".."):
+        return f"{value!r} names {'this folder' if value == '.' else 'the folder above'}"
+    if "/" in value:
+        return "'/' separates folders"
+    if "\\" in value:
+        return "a backslash separates folders on Windows"
+    if value.startswith("."):
+        return "a name starting with '.' is hidden: storage listings skip it"
+    control = _control_character(value)
+    if control is not None:
+        return f"it contains the control character {control!r}"
+    return None
+
+
+def require_name(value: str, key: str, where: str) -> None:
+    """Refuse ``value`` for ``key`` unless it is one plain folder name (:func:`name_problem`);
+    ``where`` says which folder it is made under, for the message."""
+    problem = name_problem(value)
+    require(
+        problem is None,
+        key,
+        f"must be a plain folder name under {where}, got {value!r}: {problem}",
+    )
+
+
+def folder_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable output folder (None when it is): a path under the root, or an
+    absolute path or URL, without ``.`` or ``..`` segments (local disk would leave the folder
+    meant, S3 would make keys literally named ``..``), ``\\`` or control characters."""
+    if not value.strip():
+        return "it is empty or blank"
+    path = value.split("://", 1)[1] if "://" in value else value
+    for segment in path.split("/"):
+        if segment in (".", ".."):
+            return f"it has a {segment!r} segment"
+    if "\\" in value:
+        return "it has a backslash: separate folders with '/'"
+    control = _control_character(value)
+    if control is not None:
+        return f"it contains the control character {control!r}"
+    return None
+
+
+def require_folder(value: str, key: str) -> None:
+    """Refuse ``value`` for ``key`` unless it is a usable output folder (:func:`folder_problem`)."""
+    problem = folder_problem(value)
+    require(
+        problem is None,
+        key,
+        f"must be a folder under root (or an absolute path or URL), got {value!r}: {problem}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +164,10 @@ class TrainOptions:
 
     steps: int = param(1000, "optimizer steps in the whole run", ge=1)
     batch_size: int = param(32, "global batch size per optimizer step, over all workers", ge=1)
-    precision: Precision = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    precision: Precision = param(
+        "auto",
+        "auto: bf16 autocast on GPU, fp32 on CPU; fp16 adds a gradient scaler (on CPU too, slowly)",
+    )
     seed: int = param(0, "random seed")
     log_every: int = param(10, "steps between metric reports", ge=1)
     max_failures: int = param(3, "worker failures survived before the run fails", ge=-1)
@@ -167,9 +239,7 @@ class TrainStageConfig(StageConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(
-            "/" not in self.run and bool(self.run.strip()), "run", "must be a plain folder name"
-        )
+        require_name(self.run, "run", "<root>/checkpoints/")
         workers = self.scaling.num_workers * self.optim.grad_accum
         require(
             self.train.batch_size % workers == 0,
@@ -208,6 +278,7 @@ class SynthConfig(StageConfig):
 
     def validate(self) -> None:
         super().validate()
+        require_folder(self.output, "output")
         from pipeline.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, sample_scene
 
         for i, pair in enumerate(self.holdout):
@@ -273,6 +344,10 @@ class IngestConfig(StageConfig):
         "instead of the URL list, retry the samples that failed with a transient error",
     )
 
+    def validate(self) -> None:
+        super().validate()
+        require_folder(self.output, "output")
+
 
 @dataclass
 class EmbedConfig(StageConfig):
@@ -303,6 +378,12 @@ class EmbedConfig(StageConfig):
         "instead of encoding, import a clip-retrieval output folder (img_emb/, text_emb/, metadata/)",
     )
 
+    def validate(self) -> None:
+        super().validate()
+        require_folder(self.store, "store")
+        if self.clip_id is not None:
+            require_name(self.clip_id, "clip_id", "<store>/")
+
 
 @dataclass
 class TrainClipConfig(TrainStageConfig):
@@ -326,6 +407,11 @@ class PriorConfig(TrainStageConfig):
         doc="diffusion process (the paper's prior predicts x₀)",
     )
 
+    def validate(self) -> None:
+        super().validate()
+        if self.clip_id is not None:
+            require_name(self.clip_id, "clip_id", "<store>/")
+
 
 @dataclass
 class DecoderConfig(TrainStageConfig):
@@ -338,6 +424,11 @@ class DecoderConfig(TrainStageConfig):
     model: DecoderNetConfig = param(factory=DecoderNetConfig, doc="decoder UNet")
     diffusion: DiffusionConfig = param(factory=DiffusionConfig, doc="diffusion process")
     sample_grid: int = param(16, "samples in the grid written at each checkpoint (0: none)", ge=0)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.clip_id is not None:
+            require_name(self.clip_id, "clip_id", "<store>/")
 
 
 @dataclass

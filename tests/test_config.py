@@ -14,11 +14,14 @@ from jobs import cli
 from jobs.commands import COMMANDS, stages
 from jobs.entry import CONFIG_DIR, PROJECT_ROOT
 from pipeline import config as configlib
+from pipeline.cascade_config import EvalConfig, GenerateConfig, SampleConfig, VariationsConfig
 from pipeline.config import ConfigError, load
 from pipeline.stage_config import (
     DecoderConfig,
     EmbedConfig,
+    IngestConfig,
     PriorConfig,
+    SynthConfig,
     UpsamplerConfig,
 )
 from pipeline.storage import Secret
@@ -139,7 +142,12 @@ def _error(config_cls: type, yaml_text: str | None, overrides=(), tmp_path=None)
             (),
             "stage.yaml: train.batch_size: must be divisible by scaling.num_workers × optim.grad_accum (2), got 33",
         ),
-        ("run: a/b", (), "stage.yaml: run: must be a plain folder name"),
+        (
+            "run: a/b",
+            (),
+            "stage.yaml: run: must be a plain folder name under <root>/checkpoints/, got 'a/b': "
+            "'/' separates folders",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_source(tmp_path, yaml_text, overrides, expected) -> None:
@@ -147,6 +155,101 @@ def test_bad_values_name_the_key_and_source(tmp_path, yaml_text, overrides, expe
     assert message.endswith(expected), message
     if not overrides:
         assert message.startswith(str(tmp_path / "stage.yaml"))
+
+
+# Names joined into URLs as one folder: each of these would leave <root>/checkpoints/ (or the
+# store root), hide the folder from listings, or put a separator or a control character in a key.
+BAD_NAMES = [
+    ("..", "'..' names the folder above"),
+    (".", "'.' names this folder"),
+    (".hidden", "a name starting with '.' is hidden: storage listings skip it"),
+    ("../../elsewhere", "'/' separates folders"),
+    ("a/../b", "'/' separates folders"),
+    ("/abs", "'/' separates folders"),
+    ("a\\b", "a backslash separates folders on Windows"),
+    ("a\tb", "it contains the control character '\\t'"),
+    ("a\nb", "it contains the control character '\\n'"),
+    ("a\x00b", "it contains the control character '\\x00'"),
+    ("a\x7fb", "it contains the control character '\\x7f'"),
+    ("   ", "it is empty or blank"),
+]
+
+
+@pytest.mark.parametrize(("name", "problem"), BAD_NAMES, ids=[repr(n) for n, _ in BAD_NAMES])
+@pytest.mark.parametrize("config_cls", [PriorConfig, DecoderConfig, UpsamplerConfig])
+def test_run_names_that_leave_the_checkpoint_folder_are_refused(
+    tmp_path, config_cls: type, name: str, problem: str
+) -> None:
+    yaml_text = f'run: "{_yaml_escaped(name)}"'
+    message = _error(config_cls, yaml_text, (), tmp_path)
+    assert message.startswith(f"{tmp_path / 'stage.yaml'}: run: must be a plain folder name ")
+    assert f"under <root>/checkpoints/, got {name!r}: {problem}" in message
+
+
+def _yaml_escaped(text: str) -> str:
+    """``text`` for a double-quoted YAML string (backslash, quote and control characters)."""
+    out = text.replace("\\", "\\\\").replace('"', '\\"')
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in out)
+
+
+def test_bad_names_in_overrides_name_the_override_and_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(PriorConfig, None, ["run=.."])
+    assert str(info.value) == (
+        "override 'run=..': run: must be a plain folder name under <root>/checkpoints/, "
+        "got '..': '..' names the folder above"
+    )
+    for config_cls in (EmbedConfig, PriorConfig, DecoderConfig):
+        with pytest.raises(ConfigError) as info:
+            load(config_cls, None, ["clip_id=../other"])
+        assert str(info.value) == (
+            "override 'clip_id=../other': clip_id: must be a plain folder name under <store>/, "
+            "got '../other': '/' separates folders"
+        )
+    for override in ("clip_id=.", "clip_id=a/b", "clip_id=.cache"):
+        with pytest.raises(ConfigError, match=r": clip_id: must be a plain folder name under"):
+            load(EmbedConfig, None, [override])
+
+
+@pytest.mark.parametrize(
+    "config_cls",
+    [SynthConfig, IngestConfig, SampleConfig, VariationsConfig, GenerateConfig, EvalConfig],
+)
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        ("..", "it has a '..' segment"),
+        ("../outside", "it has a '..' segment"),
+        ("samples/../../x", "it has a '..' segment"),
+        ("./samples", "it has a '.' segment"),
+        ("s3://bucket/a/../b", "it has a '..' segment"),
+        ("out\\put", "it has a backslash: separate folders with '/'"),
+        ("out\nput", "it contains the control character '\\n'"),
+        ("", "it is empty or blank"),
+    ],
+)
+def test_output_folders_that_leave_their_folder_are_refused(config_cls, output, problem) -> None:
+    with pytest.raises(ConfigError) as info:
+        configlib.from_dict(config_cls, {"output": output}, source="x.yaml")
+    assert str(info.value) == (
+        "x.yaml: output: must be a folder under root (or an absolute path or URL), "
+        f"got {output!r}: {problem}"
+    )
+
+
+def test_embedding_store_folder_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"^x\.yaml: store: must be a folder under root .*'\.\.'"):
+        configlib.from_dict(EmbedConfig, {"store": "../embeddings"}, source="x.yaml")
+
+
+def test_plain_names_and_folders_are_accepted() -> None:
+    cfg = load(PriorConfig, None, ["run=prior-v2_1.5", "clip_id=ViT-B-32--laion2b"])
+    assert (cfg.run, cfg.clip_id) == ("prior-v2_1.5", "ViT-B-32--laion2b")
+    assert cfg.run_url() == "runs/quickstart/checkpoints/prior-v2_1.5"
+    for output in ("samples", "out/a/b", "/abs/out", "s3://bucket/gen", "file:///tmp/x"):
+        assert load(SampleConfig, None, [f"output={output}"]).output == output
+    assert load(EmbedConfig, None, ["store=emb/v1", "clip_id=mine"]).store == "emb/v1"
+    assert load(IngestConfig, None, ["output=s3://bucket/shards"]).output == "s3://bucket/shards"
 
 
 def test_malformed_files_and_overrides(tmp_path) -> None:

@@ -1,11 +1,17 @@
 """img2dataset ingestion against a local HTTP server with good, missing, corrupt, slow and flaky URLs,
 on local disk and on the S3 endpoint: good images land, bad ones are counted with their error, a rerun
-is incremental, and --retry-failed lands a once-failed URL exactly once."""
+is incremental, and --retry-failed lands a once-failed URL exactly once. With the Ray distributor,
+the tasks get the config's storage settings, which the workers' environment does not hold."""
 
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import Root
+from helpers import free_port
 from PIL import Image
 
 from jobs import ingest as ingest_job
@@ -22,6 +29,7 @@ from pipeline.data import ingest
 from pipeline.data.shards import completed_shards, iter_tar_samples, read_parquet_rows, shard_urls
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import IngestConfig
+from pipeline.storage import Secret, Storage, StorageOptions
 
 GOOD, MISSING, CORRUPT = 12, 3, 3
 
@@ -228,9 +236,97 @@ def test_ray_distributor_on_the_local_cluster(ray_local, image_server, tmp_path)
     assert (summary["shards"], summary["written"], summary["failed"]) == (2, 6, 1)
 
 
-def test_url_list_formats(tmp_path) -> None:
-    from pipeline.storage import Storage
+def test_ray_task_sets_the_configs_storage_settings_for_its_download(monkeypatch) -> None:
+    """What a Ray worker's download sees: the config's endpoint, region, profile and keys as the
+    AWS variables img2dataset's fsspec reads, over whatever the worker's environment holds, and
+    that environment back afterwards."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://the-workers-own:9000")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    options = StorageOptions(
+        endpoint_url="http://from-the-config:9000",
+        region="eu-west-3",
+        profile="ingest",
+        access_key_id=Secret("AKIACONFIGKEY"),
+        secret_access_key=Secret("config-secret"),
+    )
+    names = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")
+    seen = {}
 
+    def downloader(shard):
+        seen.update({name: os.environ.get(name) for name in (*names, "AWS_SECRET_ACCESS_KEY")})
+        return True, shard
+
+    assert ingest.download_shard(downloader, (0, "shard.feather"), options) == (
+        True,
+        (0, "shard.feather"),
+    )
+    assert seen == {
+        "AWS_ENDPOINT_URL": "http://from-the-config:9000",
+        "AWS_DEFAULT_REGION": "eu-west-3",
+        "AWS_PROFILE": "ingest",
+        "AWS_ACCESS_KEY_ID": "AKIACONFIGKEY",
+        "AWS_SECRET_ACCESS_KEY": "config-secret",
+    }
+    assert os.environ["AWS_ENDPOINT_URL"] == "http://the-workers-own:9000"
+    assert "AWS_PROFILE" not in os.environ
+
+
+def _moto_server() -> tuple[subprocess.Popen, str]:
+    """Another S3 endpoint (moto on a free port), which no Ray worker's environment names."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("the second moto server did not start") from None
+            time.sleep(0.1)
+
+
+def test_ray_distributor_reaches_an_endpoint_given_only_in_the_config(
+    ray_local, image_server, tmp_path
+) -> None:
+    """The session's Ray workers were started with AWS_ENDPOINT_URL naming the session's S3
+    endpoint; the config names another one, holding the bucket. The shards land there."""
+    import boto3
+
+    proc, endpoint = _moto_server()
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="only-in-the-config")
+        assert os.environ.get("AWS_ENDPOINT_URL") != endpoint
+        rows = [(f"{image_server.base}/good/{i}.jpg", f"good image {i}") for i in range(5)]
+        url_list = str(tmp_path / "urls.parquet")
+        pq.write_table(
+            pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}), url_list
+        )
+        storage = Storage(StorageOptions(endpoint_url=endpoint))
+        cfg = IngestConfig(
+            root="s3://only-in-the-config/root",
+            storage=storage.options,
+            input=url_list,
+            image_size=32,
+            samples_per_shard=4,
+            threads=4,
+            timeout_s=2,
+            distributor="ray",
+        )
+        summary = ingest.ingest(cfg, storage)
+        assert (summary["shards"], summary["written"], summary["failed"]) == (2, 5, 0)
+        assert len(_all_samples(Root("s3", cfg.root, storage), cfg.url("shards"))) == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_url_list_formats(tmp_path) -> None:
     (tmp_path / "a.tsv").write_text("url\tcaption\n")
     assert ingest.detect_format(Storage(), str(tmp_path / "a.tsv")) == "tsv"
     (tmp_path / "dir").mkdir()

@@ -1,6 +1,8 @@
 """Stage trainings on Ray Train with 2 CPU workers: the loss falls for each stage, on local disk and
 the S3 endpoint; a stopped run resumes at its step and continues like an uninterrupted one; an
-incompatible config is refused; an interrupted checkpoint is never picked up."""
+incompatible config is refused; an interrupted checkpoint is never picked up. And, without Ray
+Train, the loop's fp16 step: overflowing steps skipped, clipping after unscaling, the loss scale
+resumed from a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import Root
 from helpers import embed_cfg, tiny_clip_checkpoint, write_synth
 
@@ -17,13 +20,16 @@ from pipeline.embed.job import run_embedding
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import (
     DecoderConfig,
+    OptimOptions,
     PriorConfig,
     TrainClipConfig,
+    TrainOptions,
     UpsamplerConfig,
 )
 from pipeline.storage import join
-from pipeline.train import checkpoints
+from pipeline.train import checkpoints, loop
 from pipeline.train.driver import run_training
+from unclip.ema import EMA
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -225,3 +231,135 @@ def test_resume_continues_like_an_uninterrupted_run(local_root: Root) -> None:
         join(checkpoints.latest_checkpoint(root.storage, resumed.run_url()), "state.json")
     )
     assert state["step"] == 30 and state["samples"] == 30 * 32 and state["resumes"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16: the loop's step pieces on CPU, without Ray Train (milliseconds)
+
+FP16_CLIP = 0.1
+
+
+def _fp16_run(seed: int = 0) -> dict:
+    """What a worker holds for a tiny fp16 run on the CPU: a bias-free linear layer (its bias's
+    gradient, summed over the batch, would overflow before the weight's), AdamW, the schedule, the
+    loss scaler, the EMA and the loop's counters."""
+    cfg = PriorConfig(
+        train=TrainOptions(precision="fp16", steps=10, batch_size=4),
+        optim=OptimOptions(lr=1e-2, grad_clip=FP16_CLIP),
+    )
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(8, 4, bias=False)
+    optimizer = loop.make_optimizer(model, cfg)
+    return {
+        "cfg": cfg,
+        "model": model,
+        "optimizer": optimizer,
+        "schedule": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loop.lr_factor(s, cfg)),
+        "scaler": loop.grad_scaler(cfg, torch.device("cpu")),
+        "ema": EMA(model, 0.5),
+        "state": {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "history": []},
+    }
+
+
+def _fp16_step(run: dict):
+    """One step as the loop takes it. The loss's gradient is 1.5 per output, which times the initial
+    scale 2^16 overflows fp16 (max 65504) and times 2^15 does not: the first step is skipped and
+    the scale halved, later ones step at 2^15."""
+    cfg, model, optimizer = run["cfg"], run["model"], run["optimizer"]
+    g = torch.Generator().manual_seed(run["state"]["step"])
+    x = torch.rand(4, 8, generator=g) * 0.2 - 0.1
+    optimizer.zero_grad(set_to_none=True)
+    with loop.autocast(cfg, torch.device("cpu")):
+        y = model(x)
+    assert y.dtype == torch.float16  # fp16 autocast runs on the CPU
+    loop.backward((y.float() * 1.5).sum(), 1, run["scaler"])
+    grad_norm = loop.finish_step(
+        model=model,
+        optimizer=optimizer,
+        scaler=run["scaler"],
+        schedule=run["schedule"],
+        ema=run["ema"],
+        state=run["state"],
+        grad_clip=cfg.optim.grad_clip,
+        batch_size=cfg.train.batch_size,
+    )
+    return x, grad_norm
+
+
+def test_fp16_scaler_skips_overflowing_steps_and_clips_unscaled_gradients() -> None:
+    cpu = torch.device("cpu")
+    for precision, enabled in (("fp16", True), ("bf16", False), ("fp32", False), ("auto", False)):
+        cfg = PriorConfig(train=TrainOptions(precision=precision))
+        assert loop.grad_scaler(cfg, cpu).is_enabled() is enabled, precision
+
+    run = _fp16_run()
+    before = run["model"].weight.detach().clone()
+    _, grad_norm = _fp16_step(run)  # 1.5 × 2^16 overflows: skipped
+    assert not torch.isfinite(grad_norm)
+    assert torch.equal(run["model"].weight, before) and not run["optimizer"].state
+    assert run["scaler"].get_scale() == 2.0**15
+    counters = {k: run["state"][k] for k in ("step", "samples", "skipped_steps")}
+    assert counters == {"step": 1, "samples": 4, "skipped_steps": 1}  # the batch still counts
+    assert run["schedule"].last_epoch == 0 and run["ema"].step == -1  # neither advanced
+
+    x, grad_norm = _fp16_step(run)  # 1.5 × 2^15 fits: steps
+    # the norm of the true gradient (dL/dW = 1.5 · Σ_b x_b per output row), not of the scaled one
+    expected = torch.linalg.vector_norm(1.5 * x.sum(0).expand(4, 8))
+    assert float(grad_norm) == pytest.approx(float(expected), rel=2e-3)
+    # clipped after unscaling: the gradient the optimizer used has norm grad_clip (clipping the
+    # scaled gradient, then unscaling, would leave grad_clip / 2^15)
+    assert float(torch.linalg.vector_norm(run["model"].weight.grad)) == pytest.approx(
+        FP16_CLIP, rel=1e-3
+    )
+    assert not torch.equal(run["model"].weight, before)
+    assert run["state"]["skipped_steps"] == 1 and run["state"]["step"] == 2
+    assert run["schedule"].last_epoch == 1 and run["ema"].step == 2
+    assert run["scaler"].get_scale() == 2.0**15
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path) -> None:
+    """A run checkpointed after its skipped first step and resumed takes the same steps as an
+    uninterrupted one: the checkpoint carries the backed-off scale (a fresh scaler would start at
+    2^16 and skip the next step again)."""
+    straight = _fp16_run()
+    for _ in range(4):
+        _fp16_step(straight)
+
+    def resumed(with_scale: bool) -> dict:
+        first = _fp16_run()
+        for _ in range(2):
+            _fp16_step(first)
+        folder = str(tmp_path / f"checkpoint-{with_scale}")
+        state = loop.checkpoint_state(
+            first["state"], first["schedule"], first["ema"], first["scaler"]
+        )
+        if not with_scale:
+            state.pop("grad_scaler")
+        checkpoints.write_local(
+            folder,
+            model_state=first["model"].state_dict(),
+            ema_state=first["ema"].averaged_state_dict(),
+            optimizer_state=first["optimizer"].state_dict(),
+            state=state,
+            config_yaml="",
+        )
+        again = _fp16_run(seed=1)  # other initial weights: everything must come from the checkpoint
+        parts = {k: again[k] for k in ("model", "optimizer", "schedule", "scaler", "ema", "state")}
+        loop.restore(checkpoints.read_local(folder), **parts)
+        for _ in range(2):
+            _fp16_step(again)
+        return again
+
+    run = resumed(with_scale=True)
+    saved = json.loads((tmp_path / "checkpoint-True" / "state.json").read_text())
+    assert saved["grad_scaler"]["scale"] == 2.0**15 and saved["skipped_steps"] == 1
+    assert torch.equal(run["model"].weight, straight["model"].weight)
+    assert torch.equal(run["ema"].shadow["weight"], straight["ema"].shadow["weight"])
+    assert run["scaler"].state_dict() == straight["scaler"].state_dict()
+    assert run["schedule"].state_dict() == straight["schedule"].state_dict()
+    assert run["state"]["skipped_steps"] == straight["state"]["skipped_steps"] == 1
+    assert run["state"]["step"] == 4 and run["state"]["resumes"] == 1
+
+    unscaled = resumed(with_scale=False)  # the control: without the saved scale it diverges
+    assert unscaled["state"]["skipped_steps"] == 2
+    assert not torch.equal(unscaled["model"].weight, straight["model"].weight)

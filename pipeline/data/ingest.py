@@ -10,16 +10,26 @@ shard's keys start from its own shard id, no key is ever written twice.
 Both end with :func:`summarize`: samples tried, written, failed, and the most frequent errors, printed
 and saved as ``<output>/_summary/ingest.json`` (a subfolder: img2dataset reads every top-level
 ``*.json`` as a shard's stats).
+
+img2dataset reaches storage through plain fsspec, which reads only the standard AWS environment
+variables: the storage settings of the config (endpoint, region, profile, keys) are set as those
+variables around the download in this process and the processes it starts, and, with the Ray
+distributor, inside each Ray task (:func:`download_shard`), whose worker has the cluster's
+environment, not this one's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import logging
 import os
 import re
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -28,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.data.shards import completed_shards, read_parquet_rows
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import IngestConfig
-from pipeline.storage import Storage, basename, join, patched_environ
+from pipeline.storage import Storage, StorageOptions, basename, join, patched_environ
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +78,54 @@ def _distributor(cfg: IngestConfig) -> str:
     return "ray" if joins_cluster(cfg.ray) else "multiprocessing"
 
 
+def download_shard(downloader: Callable[[Any], Any], shard: Any, options: StorageOptions) -> Any:
+    """Download one img2dataset shard (``downloader(shard)``, its ``(status, row)``) with the
+    storage settings of ``options`` as AWS environment variables for the call. This is the body of
+    the Ray distributor's task: a Ray worker has the cluster's environment, so an endpoint or keys
+    given only in the config would otherwise never reach it. The settings travel pickled in the
+    task's arguments (a :class:`Secret` pickles its value) rather than in a runtime_env, which Ray
+    shows in its dashboard and state API; nothing here prints them."""
+    import s3fs
+
+    # fsspec caches filesystems by their arguments: one made in this worker under another
+    # environment (an earlier task, another endpoint) would be handed back unchanged.
+    s3fs.S3FileSystem.clear_instance_cache()
+    with patched_environ(Storage(options).aws_environment()):
+        return downloader(shard)
+
+
+def ray_distributor(
+    processes_count: int,
+    downloader: Callable[[Any], Any],
+    reader: Iterable[Any],
+    subjob_size: int,
+    max_shard_retry: int,
+    *,
+    options: StorageOptions,
+) -> None:
+    """img2dataset's Ray distributor (one task per shard, all awaited; the same signature), whose
+    tasks run :func:`download_shard` with the storage settings."""
+    import ray
+
+    task = ray.remote(download_shard)
+    ray.get([task.remote(downloader, shard, options) for shard in reader])
+
+
+@contextlib.contextmanager
+def _ray_tasks_with(options: StorageOptions) -> Iterator[None]:
+    """Within the block, ``img2dataset.download(distributor="ray")`` distributes with
+    :func:`ray_distributor` and ``options`` (img2dataset looks its distributor up by name when
+    called, and takes no other one)."""
+    # the module itself: the package's ``main`` attribute is its command-line function
+    img2dataset_main = importlib.import_module("img2dataset.main")
+    original = img2dataset_main.ray_distributor
+    img2dataset_main.ray_distributor = functools.partial(ray_distributor, options=options)
+    try:
+        yield
+    finally:
+        img2dataset_main.ray_distributor = original
+
+
 def _download(cfg: IngestConfig, storage: Storage, url_list: str, fmt: str, mode: str) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
@@ -78,12 +136,15 @@ def _download(cfg: IngestConfig, storage: Storage, url_list: str, fmt: str, mode
     s3fs.S3FileSystem.clear_instance_cache()
 
     distributor = _distributor(cfg)
+    tasks: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if distributor == "ray":
         from pipeline.cluster.connect import connect
 
         connect(cfg.ray)
-    # img2dataset opens storage with plain fsspec, which reads the standard AWS variables
-    with patched_environ(storage.aws_environment()):
+        tasks = _ray_tasks_with(storage.options)
+    # img2dataset opens storage with plain fsspec, which reads the standard AWS variables: here,
+    # in the processes the multiprocessing distributor starts, and in the Ray tasks (above)
+    with patched_environ(storage.aws_environment()), tasks:
         img2dataset.download(
             url_list=url_list,
             input_format=fmt,

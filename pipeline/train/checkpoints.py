@@ -5,7 +5,7 @@ A checkpoint is a folder (Ray Train persists it as ``<root>/checkpoints/<run>/ch
     model.safetensors      the stage model's weights
     ema.safetensors        the EMA of those weights (what sampling uses), float32
     optimizer.pt           AdamW state (tensors and numbers only; loaded with weights_only=True)
-    state.json             step, schedule, EMA counters, samples seen, the stage
+    state.json             step, schedule, EMA counters, fp16 loss scale, samples seen, the stage
     config.yaml            the stage config that trained it
     samples.png, loss.png  a grid of EMA samples (image stages) and the loss curve so far
     checkpoint.json        written last: the step and every file's size

@@ -1,18 +1,19 @@
 """The per-worker training loop shared by every stage; the only place Ray Train is touched.
 
-Each worker: builds the stage model (``pipeline.train.stages``), restores the latest checkpoint Ray Train
-hands it (model, EMA, AdamW, schedule, step, data position, loss history), wraps the model with
-``ray.train.torch.prepare_model`` (DDP, or FSDP by config), then steps: gradient accumulation,
-bf16 autocast on GPU, gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
+Each worker: builds the stage model (``pipeline.train.stages``), restores the latest checkpoint Ray
+Train hands it (model, EMA, AdamW, schedule, loss scale, step, data position, loss history), wraps
+the model with ``ray.train.torch.prepare_model`` (DDP, or FSDP by config), then steps: gradient
+accumulation, bf16 autocast on GPU (or fp16 by config, with a gradient scaler that skips steps whose
+gradients overflow), gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
 steps it reports loss, learning rate, samples/s, step time and ETA (printed by rank 0, written for
 TensorBoard); every ``checkpoint.every_steps`` and at the end rank 0 writes a checkpoint with a grid
 of EMA samples and the loss curve, reported to Ray Train with that step's metrics. Only checkpoints
 are reported: Ray Train (V2) keeps no metrics without a checkpoint, and ``ray.train.report`` blocks
 until its controller has taken the previous report, which it polls for every 2 s
 (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report every ``log_every`` steps would cap a fast run
-at ``log_every`` steps per 2 s (``bench/train_throughput.py --log-every 5``). The randomness of
-each step (timesteps, noise, dropout) is seeded by (seed, step, rank), so a resumed run draws what
-an uninterrupted one would have.
+at ``log_every`` steps per 2 s (``bench/train_throughput.py --log-every 5``). The randomness of each
+step (timesteps, noise, dropout) is seeded by (seed, step, rank), so a resumed run draws what an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -78,14 +79,89 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
 
 
-def autocast(cfg: Any, device: torch.device):
+def resolved_precision(cfg: Any, device: torch.device) -> str:
+    """What ``train.precision`` means on ``device``: ``auto`` is bf16 on a GPU and fp32 elsewhere;
+    fp16 and bf16 autocast run on a CPU too (slowly), so an explicit value is kept as given."""
     precision = cfg.train.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(cfg: Any, device: torch.device):
+    """The forward pass's autocast context for the configured precision (none for fp32)."""
+    precision = resolved_precision(cfg, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(cfg: Any, device: torch.device, *, sharded: bool = False) -> torch.amp.GradScaler:
+    """The loss scaler: enabled for fp16 only, whose gradients underflow without it (bf16 has
+    fp32's range and needs none). A disabled scaler passes every call through unchanged, so the
+    loop has one code path. FSDP needs the sharded scaler, which agrees on inf/NaN across ranks
+    (each rank sees only its shard's gradients); DDP's gradients are already all-reduced."""
+    enabled = resolved_precision(cfg, device) == "fp16"
+    if enabled and sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def backward(loss: torch.Tensor, accum: int, scaler: torch.amp.GradScaler) -> None:
+    """Accumulate one micro-batch's gradients: the fp32 loss over ``accum``, scaled for fp16."""
+    scaler.scale(loss.float() / accum).backward()
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float | None,
+) -> tuple[torch.Tensor, bool]:
+    """Unscale the gradients, clip their global norm, step and update the scale.
+
+    Returns the norm of the unscaled gradients (before clipping) and whether the optimizer
+    stepped: with fp16, a step whose gradients hold inf or NaN is skipped and the scale backed
+    off (what ``GradScaler.step`` does); the caller then leaves the schedule and the EMA as they
+    are. Unscaling first makes ``grad_clip`` apply to the true gradients, not the scaled ones.
+    """
+    scaler.unscale_(optimizer)
+    clip = grad_clip if grad_clip is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scale = scaler.get_scale()  # 1.0 when disabled
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm, scaler.get_scale() >= scale  # the scale backs off only on a skipped step
+
+
+def finish_step(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    ema: EMA,
+    state: dict[str, Any],
+    grad_clip: float | None,
+    batch_size: int,
+) -> torch.Tensor:
+    """End a training step once its micro-batches' gradients are in: :func:`optimizer_step`, then
+    the counters. The step and samples count either way (the batch was drawn, and the next step's
+    seed and data follow from the step); the schedule and the EMA advance only when the optimizer
+    stepped, and an fp16 step skipped for inf/NaN gradients is counted in ``skipped_steps``.
+    Returns the gradient norm before clipping."""
+    grad_norm, stepped = optimizer_step(model, optimizer, scaler, grad_clip)
+    state["step"] += 1
+    state["samples"] += batch_size
+    if stepped:
+        schedule.step()
+        ema.update(model, state["step"])
+    else:
+        state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+    return grad_norm
 
 
 def _all_mean(value: torch.Tensor) -> float:
@@ -96,6 +172,51 @@ def _all_mean(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
+
+
+def checkpoint_state(
+    state: dict[str, Any],
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    ema: EMA,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """What a checkpoint's ``state.json`` holds of the training (numbers only): the loop's counters
+    and loss history, the schedule, the EMA's counters and, with fp16, the loss scale and its
+    growth counter, so a resumed run scales (and skips steps) as an uninterrupted one would."""
+    out = {
+        **state,
+        "scheduler": schedule.state_dict(),
+        "ema": {"step": ema.step, "num_updates": ema.num_updates},
+    }
+    if scaler.is_enabled():
+        out["grad_scaler"] = scaler.state_dict()
+    return out
+
+
+def restore(
+    saved: dict[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    ema: EMA,
+    state: dict[str, Any],
+) -> None:
+    """Load a checkpoint, as :func:`checkpoints.read_local` returns it, into a worker's model,
+    optimizer, schedule, scaler, EMA and ``state``, and count the resume. A loss scale saved by an
+    fp16 run is used only if this run is fp16 too; an fp16 run from any other checkpoint starts
+    from the initial scale."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state.update(saved["state"])
+    schedule.load_state_dict(state.pop("scheduler"))
+    scaler_state = state.pop("grad_scaler", None)
+    if scaler_state is not None and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
+    state["resumes"] = state.get("resumes", 0) + 1  # restarts after failures, and reruns
+    if saved["ema"] is not None:
+        _restore_ema(ema, model, saved["ema"], state)
 
 
 def _restore_ema(
@@ -131,11 +252,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    strategy = getattr(cfg.scaling, "strategy", "ddp")
+    scaler = grad_scaler(cfg, device, sharded=world > 1 and strategy == "fsdp")
     state: dict[str, Any] = {
         "step": 0,
         "epoch": 0,
         "batch_in_epoch": 0,
         "samples": 0,
+        "skipped_steps": 0,  # fp16 steps skipped for inf/NaN gradients
         "history": [],
     }
 
@@ -143,17 +267,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resumed is not None:
         with resumed.as_directory() as folder:
             saved = checkpoints.read_local(folder)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(saved["state"])
-        schedule.load_state_dict(state.pop("scheduler"))
-        state["resumes"] = state.get("resumes", 0) + 1  # restarts after failures, and reruns
-        if saved["ema"] is not None:
-            _restore_ema(ema, model, saved["ema"], state)
+        restore(
+            saved,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            scaler=scaler,
+            ema=ema,
+            state=state,
+        )
         if rank == 0:
             print(f"[{spec.name}] resumed at step {state['step']} from {resumed.path}", flush=True)
 
-    strategy = getattr(cfg.scaling, "strategy", "ddp")
     wrapped = LossOf(model)
     if world > 1:
         wrapped = ray.train.torch.prepare_model(wrapped, parallel_strategy=strategy)
@@ -189,17 +314,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             with sync, autocast(cfg, device):
                 loss = wrapped(batch, generator)
-            (loss.float() / accum).backward()
+            backward(loss, accum, scaler)
             total += loss.detach().float()
         if not torch.isfinite(total):
             raise FloatingPointError(f"[{spec.name}] loss is {float(total)} at step {step}")
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        schedule.step()
-        state["step"] = step = step + 1
-        state["samples"] += cfg.train.batch_size
-        ema.update(model, step)
+        grad_norm = finish_step(
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            schedule=schedule,
+            ema=ema,
+            state=state,
+            grad_clip=cfg.optim.grad_clip,
+            batch_size=cfg.train.batch_size,
+        )
+        step = state["step"]
 
         elapsed = time.perf_counter() - started
         step_time = elapsed if step_time is None else 0.9 * step_time + 0.1 * elapsed
@@ -217,6 +346,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "eta_s": step_time * (cfg.train.steps - step),
             "epoch": state["epoch"],
         }
+        if scaler.is_enabled():
+            metrics["grad_scale"] = scaler.get_scale()
+            metrics["skipped_steps"] = state["skipped_steps"]
         state["history"].append([step, loss_value])
         if rank == 0:
             eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
@@ -248,9 +380,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ema_state=ema.averaged_state_dict(),
                 optimizer_state=optimizer.state_dict(),
                 state={
-                    **state,
-                    "scheduler": schedule.state_dict(),
-                    "ema": {"step": ema.step, "num_updates": ema.num_updates},
+                    **checkpoint_state(state, schedule, ema, scaler),
                     "stage": spec.name,
                     "info": {k: v for k, v in info.items() if not k.startswith("fit_")},
                 },
