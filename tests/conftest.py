@@ -44,6 +44,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("RAY_ADDRESS", None)
     # short: Ray's socket paths are limited
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ut-", dir="/tmp")
+    # Ray Train's controller polls its workers every 2 s, which adds seconds to each of the
+    # suite's few-step trainings; their results are the same at any interval
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # CLIP checkpoints fetched by actors are cached per node; the suite's cache is its own
     os.environ["UNCLIP_CHECKPOINT_CACHE"] = os.path.join(os.environ["RAY_TMPDIR"], "checkpoints")
 
