@@ -341,6 +341,8 @@ class Storage:
         }
         if key and secret:
             kwargs.update(access_key=key, secret_key=secret)
+        elif o.profile and not o.anonymous:
+            kwargs.update(self._profile_credentials(url))
         endpoint = o.resolved_endpoint()
         if endpoint:
             parts = urlsplit(endpoint)
@@ -349,6 +351,30 @@ class Storage:
         return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None}), url.split(
             "://", 1
         )[1]
+
+    def _profile_credentials(self, url: str) -> dict[str, str]:
+        """The credentials of ``storage.profile``, for pyarrow's S3 filesystem, which cannot be
+        given a profile name (s3fs can). Temporary credentials are taken as they are now; a job
+        longer than their lifetime should use an instance role or keys instead."""
+        import botocore.session
+
+        profile = self.options.profile
+        try:
+            found = botocore.session.Session(profile=profile).get_credentials()
+        except Exception as exc:
+            raise StorageError(
+                f"cannot reach {redact_url(url)}: storage.profile {profile!r}: "
+                f"{type(exc).__name__}: {self._scrub(str(exc))[:200]}"
+            ) from None
+        if found is None:
+            raise StorageError(
+                f"cannot reach {redact_url(url)}: storage.profile {profile!r} holds no credentials"
+            )
+        frozen = found.get_frozen_credentials()
+        out = {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
+        if frozen.token:
+            out["session_token"] = frozen.token
+        return out
 
     def aws_environment(self) -> dict[str, str]:
         """The configured endpoint, region and credentials as standard AWS environment variables,

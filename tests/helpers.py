@@ -138,3 +138,14 @@ def write_synth(root: Root, num_samples: int, per_shard: int) -> None:
         image_size=64,
     )
     synth.generate(cfg, root.storage)
+
+
+def stage_cfg(cls: type, name: str, root: Root, *overrides: str) -> Any:
+    """The stage's tiny config (``configs/<name>/tiny.yaml``) under ``root``, with overrides."""
+    import dataclasses
+
+    from pipeline import config as configlib
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name, "tiny.yaml")
+    cfg = configlib.load(cls, path, [f"root={root.url}", "train.log_every=5", *overrides])
+    return dataclasses.replace(cfg, storage=root.storage.options)

@@ -199,3 +199,23 @@ def test_actors_starting_together_on_one_node_download_once(
     assert len(paths) == 4 and len(set(paths)) == 1 and _sha256(paths[0]) == ref.sha256
     assert storage.opened == 1
     assert _files(str(tmp_path / "cache")) == [os.path.basename(paths[0])]
+
+
+def test_embed_with_a_clip_on_s3_loads_it_on_the_actors(
+    remote_clip: dict, driver_tmp: str, ray_local
+) -> None:
+    """The embed job with ``clip.pretrained`` on S3: the driver keeps no copy, the encoder actors
+    fetch the pinned checkpoint into their node's cache, and the store is named by its sha256."""
+    from conftest import Root
+    from helpers import embed_cfg, write_synth
+
+    from pipeline.embed.job import run_embedding
+
+    root = Root("s3", f"{remote_clip['root']}/root", Storage())
+    write_synth(root, 8, 8)
+    summary = run_embedding(embed_cfg(root, remote_clip["url"]), root.storage)
+    sha = _sha256(remote_clip["local"])
+    assert summary["rows"] == 8 and summary["clip"] == f"tiny-clip--ckpt-{sha[:12]}"
+    assert os.listdir(driver_tmp) == []  # nothing downloaded by the driver
+    cache = os.path.join(os.environ["RAY_TMPDIR"], "checkpoints")  # the actors' (tests/conftest.py)
+    assert f"{sha}.safetensors" in os.listdir(cache)

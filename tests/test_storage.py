@@ -265,3 +265,36 @@ def test_an_object_replaced_mid_read_is_refused_not_spliced(
         faulty_s3.add(Fault("GET", "v.bin", "reset", times=1))
         with pytest.raises(StorageError, match="changed while it was read"):
             handle.read()
+
+
+def test_a_profile_reaches_pyarrow_as_well_as_s3fs(tmp_path, monkeypatch, s3_bucket) -> None:
+    """pyarrow's S3 filesystem (Ray Data reads, checkpoint uploads) takes no profile name: the
+    profile's credentials are handed to it, so both clients sign as the same identity."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[unclip-test]\naws_access_key_id = {FAKE_KEY_ID}\naws_secret_access_key = {FAKE_SECRET}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    storage = Storage(StorageOptions(profile="unclip-test"))
+    url = join(s3_bucket, "p.txt")
+    storage.write_text(url, "via s3fs")
+    filesystem, path = storage.arrow_filesystem(url)
+    options = filesystem.__reduce__()[1][0]
+    assert (options["access_key"], options["secret_key"]) == (FAKE_KEY_ID, FAKE_SECRET)
+    with filesystem.open_input_stream(path) as handle:
+        assert handle.read() == b"via s3fs"
+    with pytest.raises(StorageError, match=r"storage\.profile 'nobody'"):
+        Storage(StorageOptions(profile="nobody")).arrow_filesystem(url)
+
+
+def test_check_lists_the_prefix_not_the_bucket(faulty_s3, s3_bucket) -> None:
+    """IAM policies often allow a prefix only, and buckets are large: the preflight check lists
+    the root's prefix. Every listing of the bucket's top is refused here, as such a policy would."""
+    faulty_s3.add(Fault("GET", r"list-type=2(?!.*prefix=root)", "reset_request", times=None))
+    storage = _through(faulty_s3, max_attempts=1, retries=1)
+    url = join(s3_bucket, "root", "runs")
+    storage.check(url, write=True)
+    listings = [t for m, t in faulty_s3.requests if m == "GET" and "list-type=2" in t]
+    assert listings and all("prefix=root" in t for t in listings)

@@ -6,14 +6,13 @@ resumed from a checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import pytest
 import torch
 from conftest import Root
-from helpers import embed_cfg, tiny_clip_checkpoint, write_synth
+from helpers import embed_cfg, stage_cfg, tiny_clip_checkpoint, write_synth
 
 from pipeline import config as configlib
 from pipeline.embed.job import run_embedding
@@ -72,10 +71,7 @@ def local_root(datasets) -> Root:
     return datasets["local"]
 
 
-def _cfg(cls: type, name: str, root: Root, *overrides: str):
-    path = os.path.join(CONFIGS, name, "tiny.yaml")
-    cfg = configlib.load(cls, path, [f"root={root.url}", "train.log_every=5", *overrides])
-    return dataclasses.replace(cfg, storage=root.storage.options)
+_cfg = stage_cfg
 
 
 def _history(root: Root, run_url: str) -> tuple[list[list[float]], str]:

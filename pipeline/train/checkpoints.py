@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserFacingError
-from pipeline.storage import Storage, basename, join
+from pipeline.storage import Storage, StorageError, StorageNotFoundError, basename, join
 
 MARKER = "checkpoint.json"
 FORMAT_VERSION = 1
@@ -68,6 +68,19 @@ def write_local(
     marker = {"format_version": FORMAT_VERSION, "step": state["step"], "files": files}
     with open(os.path.join(folder, MARKER), "w") as handle:
         json.dump(marker, handle, indent=2)
+
+
+def upload(storage: Storage, folder: str, url: str) -> None:
+    """Persist a local checkpoint folder at ``url``: every file atomically and with the storage
+    retries, the marker last. If any upload still fails this raises and the marker is never
+    written, so the folder never counts as a checkpoint (Ray Train's own copy, pyarrow's
+    ``copy_files``, was seen to lose a file whose multipart upload kept failing and report the
+    checkpoint as saved)."""
+    names = sorted(os.listdir(folder))
+    for name in names:
+        if name != MARKER:
+            storage.upload_file(os.path.join(folder, name), join(url, name))
+    storage.upload_file(os.path.join(folder, MARKER), join(url, MARKER))
 
 
 def is_complete_local(folder: str) -> bool:
@@ -119,7 +132,11 @@ def list_checkpoints(storage: Storage, run_url: str) -> list[tuple[int, str]]:
         try:
             marker = storage.read_json(marker_url)
             whole = all(storage.size(join(url, n)) == s for n, s in marker["files"].items())
-        except Exception:
+        except (StorageNotFoundError, KeyError, TypeError, ValueError):
+            whole = False  # a file missing or a marker malformed: an upload cut short
+        except StorageError as exc:
+            if exc.transient:  # unreadable now is not "incomplete": never fall back silently
+                raise
             whole = False
         if whole:
             found.append((int(marker["step"]), url))

@@ -110,6 +110,13 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
     except Exception as exc:
         raise UserFacingError(f"{stage} run {run_url} failed: {type(exc).__name__}: {exc}") from exc
     metrics = dict(result.metrics or {})
+    found = checkpoints.list_checkpoints(storage, run_url)
+    if metrics.get("step") is not None and (not found or found[-1][0] != metrics["step"]):
+        raise UserFacingError(
+            f"{stage} run {run_url} reached step {metrics['step']} but its latest whole "
+            f"checkpoint is {found[-1][0] if found else 'none'}: a checkpoint upload failed; "
+            "rerun the same command to continue from the last whole checkpoint"
+        )
     return {
         "stage": stage,
         "run": run_url,

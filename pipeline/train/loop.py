@@ -393,12 +393,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 writer = None
             storage.copy_from_local(tb_dir, join(cfg.run_url(), "tensorboard"))
         if checkpoint_now:  # on every rank: a report is a collective (see the docstring)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_upload_fn=lambda c, name: _persist(storage, cfg.run_url(), c, name),
+            )
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
     if writer is not None:
         writer.close()
     shutil.rmtree(tb_dir, ignore_errors=True)
+
+
+def _persist(storage: Storage, run_url: str, checkpoint: Any, name: str) -> Any:
+    """Ray Train's upload step, done by :func:`checkpoints.upload` (retried, marker last): a
+    failed upload raises here, so the report fails and the run restarts from the last whole
+    checkpoint or fails, instead of recording a checkpoint that lacks a file."""
+    import posixpath
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    checkpoints.upload(storage, checkpoint.path, join(run_url, name))
+    context = ray.train.get_context().get_storage()
+    return Checkpoint(
+        path=posixpath.join(context.experiment_fs_path, name),
+        filesystem=context.storage_filesystem,
+    )
 
 
 def _batches(
