@@ -8,7 +8,6 @@
   endpoint so its workers inherit the endpoint's environment.
 * ``storage_root``: parametrised over ``local`` and ``s3``; a test that takes it runs on both.
 * ``ray_head`` (per module): ``ray start --head`` with token auth, as a user's cluster would be.
-* ``single_thread`` (per module): torch on one intra-op thread.
 
 The suite depends on nothing a Ray run leaves on the machine: it removes ``RAY_ADDRESS`` from its
 environment and points ``RAY_TMPDIR`` at a private directory (removed at exit) before anything
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import pytest
 from faults import FaultProxy
-from helpers import free_port, free_ports, one_thread
+from helpers import free_port, free_ports
 
 from pipeline.storage import Storage, StorageOptions, patched_environ
 
@@ -49,6 +48,33 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # CLIP checkpoints fetched by actors are cached per node; the suite's cache is its own
     os.environ["UNCLIP_CHECKPOINT_CACHE"] = os.path.join(os.environ["RAY_TMPDIR"], "checkpoints")
+    # Torch on one intra-op thread in the test processes: the suite runs two at a time on two
+    # cores (pytest-xdist), its models are tiny, and oversubscribed OpenMP threads spin against
+    # each other (a module of tiny trainings ran 4x slower beside another test than alone).
+    # Ray's workers get one thread per CPU they hold from Ray itself.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# The files that take longest, started first: pytest-xdist hands whole files (--dist loadfile) to
+# its two workers in collection order, so a long file collected last would run alone at the end.
+LONGEST_FIRST = (
+    "test_quickstart.py",
+    "test_train.py",
+    "test_train_faults.py",
+    "test_multinode.py",
+    "test_embed.py",
+    "test_embed_faults.py",
+    "test_cluster.py",
+    "test_submit.py",
+    "test_ingest.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -138,14 +164,6 @@ def ray_local(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def single_thread() -> Iterator[None]:
-    """Torch on one intra-op thread for a module of tiny models (``helpers.one_thread``); a module
-    asks for it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
-    with one_thread():
-        yield
 
 
 @dataclass

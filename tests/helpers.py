@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,18 +36,6 @@ def free_ports(count: int) -> list[int]:
             sock.bind(("127.0.0.1", 0))
             ports.append(sock.getsockname()[1])
         return ports
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one intra-op thread: tiny models gain nothing from more, and on a shared 2-core
-    machine oversubscribed OpenMP threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

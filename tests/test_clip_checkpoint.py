@@ -23,8 +23,6 @@ from pipeline.embed.clip_model import CheckpointRef
 from pipeline.errors import UserFacingError
 from pipeline.storage import Storage
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def _sha256(path: str) -> str:
     with open(path, "rb") as handle:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,17 @@ def _synth(root: Path, env: dict[str, str], *overrides: str) -> str:
 
 
 def _drivers(head) -> list[str]:
-    client = jobs_api.connect(head.dashboard, {"Authorization": f"Bearer {head.token}"})
-    return [job.job_id for job in client.list_jobs() if job.type == "DRIVER"]
+    """The head's driver jobs. Its dashboard answers slowly while the suite loads both cores, so
+    a refused or timed-out request is tried again for up to a minute."""
+    deadline = time.time() + 60
+    while True:
+        try:
+            client = jobs_api.connect(head.dashboard, {"Authorization": f"Bearer {head.token}"})
+            return [job.job_id for job in client.list_jobs() if job.type == "DRIVER"]
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def test_local_address_never_joins_a_running_head(ray_head, tmp_path) -> None:

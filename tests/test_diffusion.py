@@ -17,8 +17,6 @@ import torch
 from unclip.diffusion import GaussianDiffusion
 from unclip.diffusion_process import DiffusionConfig, make_beta_schedule, space_timesteps
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 T = 1000
 MU, SIGMA = 0.3, 0.5
 

@@ -13,8 +13,6 @@ import torch
 from test_diffusion import T, float64_draws, process, reference_alphas
 from torch import nn
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 class TinyNet(nn.Module):
     """A small conv net with a timestep channel; outputs 2C channels (mean, variance value)."""

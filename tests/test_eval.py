@@ -38,8 +38,6 @@ from pipeline.eval.run import run_eval
 from pipeline.stage_config import SynthConfig
 from pipeline.storage import Storage, join
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 HELDOUT = ["red star", "blue triangle"]
 ALL = ["caption", "text_embedding", "prior", "ar_prior"]
 

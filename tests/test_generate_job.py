@@ -26,8 +26,6 @@ from pipeline.generate import sampling
 from pipeline.generate.batch import gather, job_rows, row_seed, run_generate
 from pipeline.storage import Storage
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 CAPTIONS = ["a red circle", "", "a blue square  ", "a green triangle"]
 
 

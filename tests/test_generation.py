@@ -19,8 +19,6 @@ from unclip.sphere import slerp, text_diff_direction
 from unclip.unet import UpsamplerNetConfig
 from unclip.upsampler import Upsampler, downscale
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 D = 16
 VOCAB = 100
 SIZE = 16  # decoder resolution

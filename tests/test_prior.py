@@ -16,8 +16,6 @@ from unclip.ar_prior import ARPrior, ARPriorNet, PCAQuantizer
 from unclip.diffusion_process import DiffusionConfig
 from unclip.prior import DiffusionPrior, DiffusionPriorNet, PriorNetConfig, build_prior
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "prior"
 VOCAB = 100
 D = 16

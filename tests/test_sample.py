@@ -46,8 +46,6 @@ from pipeline.generate.cascade import load_cascade, load_stage_model, plan_casca
 from pipeline.stage_config import ClipSource
 from pipeline.storage import Storage, join
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.fixture(scope="module")
 def cascade_root(tmp_path_factory) -> dict:

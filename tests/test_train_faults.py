@@ -35,7 +35,7 @@ def test_checkpoint_uploads_survive_resets_and_fail_cleanly(
     )
     proxied = Root("s3", direct.url, Storage(options))
 
-    def cfg(run: str, *overrides: str) -> PriorConfig:
+    def cfg(run: str) -> PriorConfig:
         c = stage_cfg(
             PriorConfig,
             "prior",
@@ -44,24 +44,18 @@ def test_checkpoint_uploads_survive_resets_and_fail_cleanly(
             "train.steps=20",
             "checkpoint.every_steps=10",
             "train.max_failures=0",
-            *overrides,
         )
         return dataclasses.replace(c, storage=options)
 
-    # One upload reset: retried by the storage layer, and the run goes on to a whole checkpoint.
+    # The step-10 checkpoint's model upload is reset once and retried by the storage layer; every
+    # upload of the step-20 one fails (the retried step-10 upload is let through first): the run
+    # fails, naming the stage and run, with step 10 as its last whole checkpoint.
     reset = faulty_s3.add(Fault("PUT", MODEL_UPLOAD, "reset_request", times=1))
-    first = cfg("broken", "train.stop_at_step=10")
-    assert run_training("train-prior", first, proxied.storage)["step"] == 10
-    assert reset.hits == 1
-    assert [step for step, _ in checkpoints.list_checkpoints(direct.storage, first.run_url())] == [
-        10
-    ]
-
-    # Every upload of the next checkpoint fails: the run fails, naming the stage and run.
-    broken = faulty_s3.add(Fault("PUT", MODEL_UPLOAD, "reset_request", times=None))
+    broken = faulty_s3.add(Fault("PUT", MODEL_UPLOAD, "reset_request", times=None, after=1))
+    first = cfg("broken")
     with pytest.raises(UserFacingError, match=r"train-prior run .*/broken failed"):
-        run_training("train-prior", cfg("broken"), proxied.storage)
-    assert broken.hits >= 3
+        run_training("train-prior", first, proxied.storage)
+    assert reset.hits == 1 and broken.passed == 1 and broken.hits >= 3
     found = checkpoints.list_checkpoints(direct.storage, first.run_url())
     assert [step for step, _ in found] == [10]  # what was cut short is never picked up
     cut_short = [  # the step-20 folder: its other files are there, its marker never written
