@@ -57,26 +57,6 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-# The files that take longest, started first: pytest-xdist hands whole files (--dist loadfile) to
-# its two workers in collection order, so a long file collected last would run alone at the end.
-LONGEST_FIRST = (
-    "test_quickstart.py",
-    "test_train.py",
-    "test_train_faults.py",
-    "test_multinode.py",
-    "test_embed.py",
-    "test_embed_faults.py",
-    "test_cluster.py",
-    "test_submit.py",
-    "test_ingest.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     temp_dir = os.environ.pop("RAY_TMPDIR", None)
     if temp_dir:
@@ -193,6 +173,20 @@ class RayHead:
     dashboard: str
     gcs: str
     token: str
+    temp_dir: str = ""  # head.log (``ray start``'s output) and the session's logs
+
+    def logs(self, tail: int = 2000) -> str:
+        """The ends of the head's output and its dashboard's logs, for a failing test to show."""
+        out = []
+        for name in (
+            "head.log",
+            "session_latest/logs/dashboard.log",
+            "session_latest/logs/dashboard.err",
+        ):
+            path = Path(self.temp_dir, name)
+            if path.exists():
+                out.append(f"--- {name}\n{path.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +246,7 @@ def ray_head(s3_endpoint: str) -> Iterator[RayHead]:
                         "ray head did not start: " + Path(log.name).read_text()[-3000:]
                     ) from None
                 time.sleep(1)
-        yield RayHead(address, f"127.0.0.1:{gcs}", token)
+        yield RayHead(address, f"127.0.0.1:{gcs}", token, temp_dir)
     finally:
         for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
             try:

@@ -75,9 +75,9 @@ def _drivers(head) -> list[str]:
         try:
             client = jobs_api.connect(head.dashboard, {"Authorization": f"Bearer {head.token}"})
             return [job.job_id for job in client.list_jobs() if job.type == "DRIVER"]
-        except Exception:
+        except Exception as exc:
             if time.time() > deadline:
-                raise
+                raise AssertionError(f"{exc}\n{head.logs()}") from exc
             time.sleep(2)
 
 
