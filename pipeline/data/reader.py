@@ -59,6 +59,7 @@ class Sample:
     key: str
     image: bytes
     caption: str
+    index: int = 0  # the sample's place in its tar, counting bad samples too
 
 
 class _Peek:
@@ -98,7 +99,7 @@ def read_samples(
                 elif need_caption and not caption:
                     skips.add(key, "missing caption", url)
                 else:
-                    yield Sample(key, image, caption)
+                    yield Sample(key, image, caption, seen - 1)
         except (tarfile.TarError, EOFError) as exc:
             if seen or peek.is_tar():
                 skips.add(f"{name}:<end>", "truncated tar", url)
