@@ -260,12 +260,7 @@ def iter_shard_with_embeddings(
         for c in columns
     }
     values = {c: table.column(c).to_pylist() for c in columns if arrays[c] is None}
-    shard_id = int(name) if name.isdigit() else None
-    tar = (
-        shard_urls(shards_url, shard_id)["tar"]
-        if shard_id is not None
-        else join(shards_url, f"{name}.tar")
-    )
+    tar = source_tar_url(shards_url, name)
     skips = Skips()
     for sample in read_samples(storage, tar, skips, need_caption=False):
         i = index.get(sample.key)
@@ -339,6 +334,15 @@ def same_place(a: str, b: str) -> bool:
         strip = lambda u: u[len("file://") :] if u.startswith("file://") else u  # noqa: E731
         return os.path.abspath(strip(a)) == os.path.abspath(strip(b))
     return a.rstrip("/") == b.rstrip("/")
+
+
+def source_tar_url(shards_url: str, name: str) -> str:
+    """The source tar of the store's shard ``name`` (img2dataset's numbered name, or ``name.tar``)."""
+    return (
+        shard_urls(shards_url, int(name))["tar"]
+        if name.isdigit()
+        else join(shards_url, f"{name}.tar")
+    )
 
 
 def source_name(tar_url: str) -> str:

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.reader import Skips, read_samples
-from pipeline.data.shards import shard_urls
-from pipeline.storage import Storage, StorageOptions, join
+from pipeline.embed.store import source_tar_url
+from pipeline.storage import Storage, StorageOptions
 from pipeline.train.order import Piece, within_piece
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,24 @@ class Source:
         return {k: v for k, v in self.__dict__.items() if k != "_cached_storage"}
 
 
-def _table_columns(table: Any, columns: Sequence[str]) -> dict[str, np.ndarray | list]:
+def _store_file(
+    storage: Storage, store: str, name: str, columns: Sequence[str]
+) -> tuple[int, dict]:
+    """The rows of the store's file ``name``: its row count and ``key`` plus ``columns``, fixed-size
+    columns as arrays, the others as lists."""
     import pyarrow as pa
 
-    from pipeline.embed.store import column_array
+    from pipeline.embed.store import EmbeddingStore, column_array
 
+    table = EmbeddingStore(storage, store).read_shard(name, ["key", *columns])
+    columns = ["key", *columns]
     out: dict[str, np.ndarray | list] = {}
     for c in columns:
         if pa.types.is_fixed_size_list(table.schema.field(c).type):
             out[c] = column_array(table, c)
         else:
             out[c] = table.column(c).to_pylist()
-    return out
+    return table.num_rows, out
 
 
 @dataclass
@@ -80,17 +86,13 @@ class StoreRows(Source):
     columns: tuple[str, ...] = ()
 
     def rows(self, piece: int, epoch: int, wanted: set[int]) -> Iterator[tuple[int, Raw]]:
-        import pyarrow.parquet as pq
-
-        name = self.pieces[piece].name
-        url = join(self.store, "shards", f"{name}.parquet")
-        with self._storage().open(url) as handle:
-            table = pq.read_table(handle, columns=["key", *self.columns])
-        values = _table_columns(table, ["key", *self.columns])
+        count, values = _store_file(
+            self._storage(), self.store, self.pieces[piece].name, self.columns
+        )
         rows = within_piece(self.seed, epoch, piece, self.pieces[piece].slots)
         for slot in sorted(wanted):
-            row = int(rows[slot]) if slot < len(rows) else table.num_rows
-            if row >= table.num_rows:
+            row = int(rows[slot]) if slot < len(rows) else count
+            if row >= count:
                 yield slot, None
                 continue
             yield slot, {c: values[c][row] for c in ("key", *self.columns)}
@@ -107,15 +109,11 @@ class StoreImages(Source):
     skips: Skips = field(default_factory=Skips)
 
     def rows(self, piece: int, epoch: int, wanted: set[int]) -> Iterator[tuple[int, Raw]]:
-        import pyarrow.parquet as pq
-
         name = self.pieces[piece].name
         storage = self._storage()
-        with storage.open(join(self.store, "shards", f"{name}.parquet")) as handle:
-            table = pq.read_table(handle, columns=["key", *self.columns])
-        values = _table_columns(table, ["key", *self.columns])
+        _, values = _store_file(storage, self.store, name, self.columns)
         slot_of = {key: i for i, key in enumerate(values["key"])}
-        tar = _tar_url(self.shards, name)
+        tar = source_tar_url(self.shards, name)
         left = set(wanted)
         for sample in read_samples(storage, tar, self.skips, need_caption=False):
             slot = slot_of.get(sample.key)
@@ -145,7 +143,7 @@ class TarImages(Source):
 
     def rows(self, piece: int, epoch: int, wanted: set[int]) -> Iterator[tuple[int, Raw]]:
         name = self.pieces[piece].name
-        tar = _tar_url(self.shards, name)
+        tar = source_tar_url(self.shards, name)
         left = set(wanted)
         for sample in read_samples(self._storage(), tar, self.skips, need_caption=self.captions):
             if sample.index in left:
@@ -173,10 +171,6 @@ def _image(key: str, data: bytes, size: int, skips: Skips) -> np.ndarray | None:
     except Exception:
         skips.add(key, "undecodable image", key)
         return None
-
-
-def _tar_url(folder: str, name: str) -> str:
-    return shard_urls(folder, int(name))["tar"] if name.isdigit() else join(folder, f"{name}.tar")
 
 
 def stack(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
