@@ -42,6 +42,7 @@ Target (issue): driver ≥ 0.9 × the bare loop on one worker.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -155,18 +156,25 @@ def stage_config(
 def in_memory_batches(stage: str, cfg: Any, device: str, most: int = 8) -> tuple[list, dict]:
     """Up to ``most`` collated batches of ``cfg.train.batch_size`` rows of the stage's own data."""
     from pipeline.storage import Storage
+    from pipeline.train.feed import Feed
     from pipeline.train.stages import STAGES
 
     spec = STAGES[STAGE_NAMES[stage]]
-    dataset, info = spec.prepare(cfg, Storage(cfg.storage))
-    info.pop("estimated_bytes", None)
-    batches = []
-    for batch in dataset.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True):
-        batches.append({k: v.to(device) for k, v in spec.collate(batch).items()})
-        if len(batches) == most:
-            break
-    if not batches:
-        raise SystemExit(f"{stage}: no batch of {cfg.train.batch_size} rows: use a larger --n")
+    source, info = spec.prepare(cfg, Storage(cfg.storage))
+    one = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, data_streams=1),
+        optim=dataclasses.replace(cfg.optim, grad_accum=1),
+    )
+    feed = Feed(source, one, 0, 1, None)  # the workers' reader, as one worker
+    try:
+        batches = [
+            {k: v.to(device) for k, v in spec.collate(part.columns, cfg).items()}
+            for _ in range(most)
+            for part in feed.step()
+        ]
+    finally:
+        feed.close()
     return batches, info
 
 

@@ -171,10 +171,17 @@ class TrainOptions:
     seed: int = param(0, "random seed")
     log_every: int = param(10, "steps between metric reports", ge=1)
     max_failures: int = param(3, "worker failures survived before the run fails", ge=-1)
-    cache_data: Literal["auto", "always", "never"] = param(
-        "auto",
-        "keep the training rows in Ray's object store across epochs (auto: when they fit in a "
-        "quarter of it) instead of re-reading them each epoch",
+    data_streams: int | None = param(
+        None,
+        "streams the global batch is drawn from, fixed for a run: it resumes exactly on any "
+        "number of workers up to this (null: scaling.num_workers)",
+        ge=1,
+    )
+    shuffle_shards: int = param(
+        4, "shards a data stream reads at once, their rows interleaved at random", ge=1
+    )
+    shuffle_buffer: int = param(
+        1000, "rows of the shuffle buffer after the interleave (raw bytes, decoded on exit)", ge=1
     )
     stop_at_step: int | None = param(
         None,
@@ -240,11 +247,19 @@ class TrainStageConfig(StageConfig):
     def validate(self) -> None:
         super().validate()
         require_name(self.run, "run", "<root>/checkpoints/")
-        workers = self.scaling.num_workers * self.optim.grad_accum
+        streams = self.train.data_streams or self.scaling.num_workers
         require(
-            self.train.batch_size % workers == 0,
+            streams >= self.scaling.num_workers,
+            "train.data_streams",
+            f"must be at least scaling.num_workers ({self.scaling.num_workers}): every worker "
+            f"serves a data stream of its own, got {streams}",
+        )
+        per_step = streams * self.optim.grad_accum
+        require(
+            self.train.batch_size % per_step == 0,
             "train.batch_size",
-            f"must be divisible by scaling.num_workers × optim.grad_accum ({workers}), "
+            f"must be divisible by the data streams × optim.grad_accum ({streams} × "
+            f"{self.optim.grad_accum}; streams: train.data_streams, else scaling.num_workers), "
             f"got {self.train.batch_size}",
         )
 

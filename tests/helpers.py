@@ -7,9 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from pipeline.train.sources import Source
 
 if TYPE_CHECKING:
     from conftest import Root
@@ -136,3 +139,25 @@ def stage_cfg(cls: type, name: str, root: Root, *overrides: str) -> Any:
     path = os.path.join(os.path.dirname(__file__), "..", "configs", name, "tiny.yaml")
     cfg = configlib.load(cls, path, [f"root={root.url}", "train.log_every=5", *overrides])
     return dataclasses.replace(cfg, storage=root.storage.options)
+
+
+@dataclass
+class Memory(Source):
+    """An in-memory training source: piece ``p``'s slot ``k`` holds the row ``{"key": "p/k"}``;
+    ``bad`` slots are unreadable, reading ``fail_piece`` raises, ``decoded`` lists what was
+    decoded."""
+
+    bad: frozenset = frozenset()
+    fail_piece: int | None = None
+    decoded: list = field(default_factory=list)
+
+    def rows(self, piece, epoch, wanted):
+        if piece == self.fail_piece:
+            raise OSError(f"cannot read piece {piece}")
+        for slot in range(self.pieces[piece].slots):  # front to back, like a tar
+            if slot in wanted:
+                yield slot, (None if (piece, slot) in self.bad else f"{piece}/{slot}")
+
+    def decode(self, raw):
+        self.decoded.append(raw)
+        return {"key": raw}

@@ -140,7 +140,14 @@ def _error(config_cls: type, yaml_text: str | None, overrides=(), tmp_path=None)
         (
             "train: {batch_size: 33}\nscaling: {num_workers: 2}",
             (),
-            "stage.yaml: train.batch_size: must be divisible by scaling.num_workers × optim.grad_accum (2), got 33",
+            "stage.yaml: train.batch_size: must be divisible by the data streams × optim.grad_accum "
+            "(2 × 1; streams: train.data_streams, else scaling.num_workers), got 33",
+        ),
+        (
+            "train: {data_streams: 2}\nscaling: {num_workers: 4}",
+            (),
+            "stage.yaml: train.data_streams: must be at least scaling.num_workers (4): every "
+            "worker serves a data stream of its own, got 2",
         ),
         (
             "run: a/b",

@@ -5,36 +5,15 @@ skips, a bad row is an empty slot, and a failed read reaches the consumer."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import pytest
+from helpers import Memory
 
 from pipeline.storage import StorageOptions
 from pipeline.train.order import Order, Piece, Position, stream_slots
-from pipeline.train.sources import Source
 from pipeline.train.streams import StreamReader
 
 SIZES = [6, 9, 4, 11, 7]
-
-
-@dataclass
-class Memory(Source):
-    """Piece ``p``'s slot ``k`` holds the row ``{"key": "p/k"}``; ``bad`` slots are unreadable."""
-
-    bad: frozenset = frozenset()
-    fail_piece: int | None = None
-    decoded: list = field(default_factory=list)
-
-    def rows(self, piece, epoch, wanted):
-        if piece == self.fail_piece:
-            raise OSError(f"cannot read piece {piece}")
-        for slot in range(self.pieces[piece].slots):  # front to back, like a tar
-            if slot in wanted:
-                yield slot, (None if (piece, slot) in self.bad else f"{piece}/{slot}")
-
-    def decode(self, raw):
-        self.decoded.append(raw)
-        return {"key": raw}
 
 
 def _setup(**kw) -> tuple[Memory, Order]:

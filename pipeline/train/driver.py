@@ -2,9 +2,10 @@
 
 Before anything is asked of the cluster: the config is already typed and checked; storage is
 reachable and writable; a run folder that already holds checkpoints was trained with a compatible
-config (same model, diffusion process and data), else the run is refused with the keys that differ
-rather than silently resumed. Then the run's config is saved beside its checkpoints and a
-``TorchTrainer`` runs ``pipeline.train.loop`` with the stage's Ray Dataset, a ``RunConfig`` named
+config (same model, diffusion process, data and data order: batch size, seed, data streams and
+shuffle), else the run is refused with the keys that differ rather than silently resumed. Then the
+run's config is saved beside its checkpoints and a ``TorchTrainer`` runs ``pipeline.train.loop``
+with the stage's data source (the workers read their own rows), a ``RunConfig`` named
 after the run on the shared storage (so rerunning the same command resumes from the latest
 checkpoint), checkpoints kept and ``FailureConfig``.
 """
@@ -20,6 +21,7 @@ from pipeline.cluster.connect import connect
 from pipeline.errors import UserFacingError
 from pipeline.storage import Storage, join, parent
 from pipeline.train import checkpoints
+from pipeline.train.feed import data_streams
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.stages import STAGES
 
@@ -33,6 +35,16 @@ def _get(cfg: Any, dotted: str) -> Any:
     return value
 
 
+# What fixes the order of the rows a run sees (pipeline.train.order): a run resumed with another
+# value would not continue its data where it stopped. The worker count and grad_accum may change:
+# the global batch stays the data streams' rows.
+ORDER_KEYS = ("train.batch_size", "train.seed", "train.shuffle_shards", "train.shuffle_buffer")
+
+
+def _value(cfg: Any, key: str) -> Any:
+    return data_streams(cfg) if key == "train.data_streams" else _get(cfg, key)
+
+
 def check_compatible(stage: str, cfg: Any, storage: Storage) -> None:
     """Refuse to resume a run whose latest checkpoint was trained with an incompatible config."""
     spec = STAGES[stage]
@@ -42,30 +54,17 @@ def check_compatible(stage: str, cfg: Any, storage: Storage) -> None:
     step, url = found[-1]
     text = storage.read_text(join(url, "config.yaml"))
     saved = configlib.from_dict(spec.config_cls, configlib.read_yaml_text(text), source=url)
-    changed = [key for key in spec.compatible if _get(saved, key) != _get(cfg, key)]
+    changed = [key for key in (*spec.compatible, *ORDER_KEYS) if _get(saved, key) != _get(cfg, key)]
+    if data_streams(saved) != data_streams(cfg):
+        changed.append("train.data_streams")
     if changed:
         details = "; ".join(
-            f"{k}: {_get(saved, k)!r} in the run, {_get(cfg, k)!r} now" for k in changed
+            f"{k}: {_value(saved, k)!r} in the run, {_value(cfg, k)!r} now" for k in changed
         )
         raise UserFacingError(
             f"run {cfg.run_url()} was trained to step {step} with another config ({details}); "
             "use another run name (run=...) to start afresh, or restore those settings to resume"
         )
-
-
-def _maybe_cache(dataset: Any, estimated_bytes: int | None, policy: str) -> Any:
-    """Materialise small training sets once, so epochs do not re-read and re-decode them."""
-    import ray
-
-    budget = 0.25 * ray.cluster_resources().get("object_store_memory", 0)
-    if policy == "always" or (
-        policy == "auto" and estimated_bytes is not None and estimated_bytes < budget
-    ):
-        log.info(
-            "caching the training rows in the object store (~%.1f MB)", (estimated_bytes or 0) / 1e6
-        )
-        return dataset.materialize()
-    return dataset
 
 
 def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[str, Any]:
@@ -79,8 +78,7 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
     storage.check(run_url, write=True)
     check_compatible(stage, cfg, storage)
     connect(cfg.ray)
-    dataset, info = spec.prepare(cfg, storage)
-    dataset = _maybe_cache(dataset, info.pop("estimated_bytes", None), cfg.train.cache_data)
+    source, info = spec.prepare(cfg, storage)
     storage.write_text(join(run_url, "config.yaml"), configlib.dumps(cfg))
 
     filesystem, path = storage.arrow_filesystem(parent(run_url))
@@ -89,7 +87,7 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": stage, "cfg": cfg, "info": info},
+        train_loop_config={"stage": stage, "cfg": cfg, "info": info, "source": source},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -102,7 +100,6 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
-        datasets={"train": dataset},
     )
     started = time.time()
     try:

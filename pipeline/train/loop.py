@@ -2,8 +2,9 @@
 
 Each worker: builds the stage model (``pipeline.train.stages``), restores the latest checkpoint Ray
 Train hands it (model, EMA, AdamW, schedule, loss scale, step, data position, loss history), wraps
-the model with ``ray.train.torch.prepare_model`` (DDP, or FSDP by config), then steps: gradient
-accumulation, bf16 autocast on GPU (or fp16 by config, with a gradient scaler that skips steps whose
+the model with ``ray.train.torch.prepare_model`` (DDP, or FSDP by config), then steps on the rows of
+its data streams (:mod:`pipeline.train.feed`: the same global batch, in the same order, on any
+number of workers), gradient accumulation, bf16 autocast on GPU (or fp16 by config, with a gradient scaler that skips steps whose
 gradients overflow), gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
 steps it reports loss, learning rate, samples/s, step time and ETA (printed by rank 0, written for
 TensorBoard); every ``checkpoint.every_steps`` and at the end rank 0 writes a checkpoint with a grid
@@ -12,8 +13,9 @@ are reported: Ray Train (V2) keeps no metrics without a checkpoint, and ``ray.tr
 until its controller has taken the previous report, which it polls for every 2 s
 (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report every ``log_every`` steps would cap a fast run
 at ``log_every`` steps per 2 s (``bench/train_throughput.py --log-every 5``). The randomness of each
-step (timesteps, noise, dropout) is seeded by (seed, step, rank), so a resumed run draws what an
-uninterrupted one would have.
+micro-batch (timesteps, noise, dropout) is seeded by (seed, step, data stream, micro-batch), and
+the checkpoint keeps every data stream's position, so a resumed run, on any number of workers, sees
+the rows and draws the noise an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from pipeline import config as configlib
 from pipeline.pictures import loss_curve_png
 from pipeline.storage import Storage, join
 from pipeline.train import checkpoints
+from pipeline.train.feed import Feed
 from pipeline.train.stages import STAGES, StageSpec
 from unclip.ema import EMA
 
@@ -75,8 +77,10 @@ def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.AdamW:
     )
 
 
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
+def step_seed(seed: int, step: int, stream: int, micro: int) -> int:
+    """The seed of one micro-batch's randomness: by data stream, not by worker, so it does not
+    depend on how many workers share the streams."""
+    return (seed * 1_000_003 + step * 10_007 + stream * 101 + micro) % (2**63 - 1)
 
 
 def resolved_precision(cfg: Any, device: torch.device) -> str:
@@ -110,9 +114,10 @@ def grad_scaler(cfg: Any, device: torch.device, *, sharded: bool = False) -> tor
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
-def backward(loss: torch.Tensor, accum: int, scaler: torch.amp.GradScaler) -> None:
-    """Accumulate one micro-batch's gradients: the fp32 loss over ``accum``, scaled for fp16."""
-    scaler.scale(loss.float() / accum).backward()
+def backward(loss: torch.Tensor, weight: float, scaler: torch.amp.GradScaler) -> None:
+    """Accumulate one micro-batch's gradients: the fp32 loss times its ``weight`` (its share of
+    the global batch, :class:`pipeline.train.feed.Feed`), scaled for fp16."""
+    scaler.scale(loss.float() * weight).backward()
 
 
 def optimizer_step(
@@ -256,9 +261,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = grad_scaler(cfg, device, sharded=world > 1 and strategy == "fsdp")
     state: dict[str, Any] = {
         "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,
         "samples": 0,
+        "streams": {},  # every data stream's position: {"<stream>": [epoch, drawn]}
         "skipped_steps": 0,  # fp16 steps skipped for inf/NaN gradients
         "history": [],
     }
@@ -283,10 +287,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if world > 1:
         wrapped = ray.train.torch.prepare_model(wrapped, parallel_strategy=strategy)
 
-    accum = cfg.optim.grad_accum
-    per_worker = cfg.train.batch_size // (world * accum)
-    shard = ray.train.get_dataset_shard("train")
-    data = _batches(shard, spec, state, per_worker, device)
+    feed = Feed(
+        loop_config["source"],
+        cfg,
+        rank,
+        world,
+        state["streams"],
+        decode_threads=max(1, int(cfg.scaling.cpus_per_worker)),
+    )
+    last_micro = feed.micro_batches() - 1
     end_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
 
     writer = None
@@ -302,20 +311,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step = state["step"]
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for micro in range(accum):
-            batch = next(data)
+        for i, part in enumerate(feed.step()):
+            batch = {k: v.to(device) for k, v in spec.collate(part.columns, cfg).items()}
             if preview is None:
                 preview = {k: v[:8].detach().cpu() for k, v in batch.items()}
-            seed = step_seed(cfg.train.seed, step, rank, micro)
+            seed = step_seed(cfg.train.seed, step, part.stream, part.micro)
             torch.manual_seed(seed)  # dropout and conditioning-dropout draws
             generator = torch.Generator().manual_seed(seed)
-            sync = (
-                wrapped.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-            )
+            sync = wrapped.no_sync() if world > 1 and i < last_micro else contextlib.nullcontext()
             with sync, autocast(cfg, device):
                 loss = wrapped(batch, generator)
-            backward(loss, accum, scaler)
-            total += loss.detach().float()
+            backward(loss, part.weight, scaler)
+            total += loss.detach().float() * part.weight
         if not torch.isfinite(total):
             raise FloatingPointError(f"[{spec.name}] loss is {float(total)} at step {step}")
         grad_norm = finish_step(
@@ -335,7 +342,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         checkpoint_now = step % cfg.checkpoint.every_steps == 0 or step == end_step
         if step % cfg.train.log_every and not checkpoint_now:
             continue
-        loss_value = _all_mean(total / accum)
+        loss_value = _all_mean(total)  # the weights make this the global batch's mean
         metrics = {
             "step": step,
             "loss": loss_value,
@@ -344,7 +351,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "samples_per_s": cfg.train.batch_size / step_time,
             "step_time_s": step_time,
             "eta_s": step_time * (cfg.train.steps - step),
-            "epoch": state["epoch"],
+            "epoch": feed.epochs(),
         }
         if scaler.is_enabled():
             metrics["grad_scale"] = scaler.get_scale()
@@ -362,6 +369,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 writer.add_scalar(f"train/{key}", value, step)
             writer.flush()
         checkpoint = None
+        if checkpoint_now:
+            state["streams"] = feed.positions()  # a collective: on every rank
         if checkpoint_now and rank == 0:
             folder = tempfile.mkdtemp(prefix="unclip-ckpt-")
             extra = {"loss.png": loss_curve_png(state["history"], f"{cfg.run}: training loss")}
@@ -400,6 +409,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
+    feed.close()
     if writer is not None:
         writer.close()
     shutil.rmtree(tb_dir, ignore_errors=True)
@@ -420,26 +430,3 @@ def _persist(storage: Storage, run_url: str, checkpoint: Any, name: str) -> Any:
         path=posixpath.join(context.experiment_fs_path, name),
         filesystem=context.storage_filesystem,
     )
-
-
-def _batches(
-    shard: Any, spec: StageSpec, state: dict[str, Any], per_worker: int, device: torch.device
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches forever, epoch after epoch, resuming at the saved position in the saved epoch."""
-    skip = state["batch_in_epoch"]
-    while True:
-        seen = 0
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True):
-            seen += 1
-            if skip:
-                skip -= 1
-                continue
-            state["batch_in_epoch"] = seen
-            yield {k: v.to(device) for k, v in spec.collate(batch).items()}
-        if seen == 0:
-            raise RuntimeError(
-                f"[{spec.name}] the dataset gave no batch of {per_worker} rows per worker: "
-                "lower train.batch_size or add data"
-            )
-        state["epoch"] += 1
-        state["batch_in_epoch"] = 0

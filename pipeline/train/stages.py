@@ -3,10 +3,12 @@
 The shared driver (``pipeline.train.driver``) and worker loop (``pipeline.train.loop``) are the same for
 every stage; a :class:`StageSpec` supplies the rest:
 
-* ``prepare`` (driver): the Ray Dataset of training rows and a small ``info`` dict for the workers
-  (embedding dim, the store's identity, a sample for the AR prior's PCA fit, ...);
+* ``prepare`` (driver): the stage's :class:`~pipeline.train.sources.Source` (its data as pieces the
+  workers read themselves, from listings and completion records: no data passes through the
+  driver) and a small ``info`` dict for the workers (embedding dim, the store's identity, a sample
+  for the AR prior's PCA fit, ...);
 * ``build`` (worker): the stage model from ``unclip`` (it has ``loss(batch, generator)``);
-* ``collate`` (worker): a batch of tensors from Ray Data into the model's inputs;
+* ``collate`` (worker): a micro-batch's stacked columns (tensors) into the model's inputs;
 * ``pictures`` (worker, rank 0): a PNG grid of EMA samples at each checkpoint;
 * ``exports`` (worker, rank 0): extra files in the checkpoint (train-clip's open_clip weights);
 * ``compatible``: config keys that must not change when a run resumes.
@@ -14,7 +16,7 @@ every stage; a :class:`StageSpec` supplies the rest:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +25,8 @@ import torch
 from torch import nn
 
 from pipeline import pictures
-from pipeline.data.reader import Skips, read_samples
 from pipeline.data.shards import completed_shards, shard_urls
-from pipeline.embed.store import EmbeddingStore, column_array, decode_image, image_dataset
+from pipeline.embed.store import EmbeddingStore, column_array
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import (
     DecoderConfig,
@@ -35,6 +36,8 @@ from pipeline.stage_config import (
     UpsamplerConfig,
 )
 from pipeline.storage import Storage
+from pipeline.train.order import Piece
+from pipeline.train.sources import Source, StoreImages, StoreRows, TarImages
 
 GRID_SAMPLES = 8
 
@@ -43,43 +46,41 @@ GRID_SAMPLES = 8
 class StageSpec:
     name: str
     config_cls: type[TrainStageConfig]
-    prepare: Callable[[Any, Storage], tuple[Any, dict[str, Any]]]
+    prepare: Callable[[Any, Storage], tuple[Source, dict[str, Any]]]
     build: Callable[[Any, dict[str, Any]], nn.Module]
-    collate: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    collate: Callable[[dict[str, Any], Any], dict[str, torch.Tensor]]
     compatible: tuple[str, ...]
     pictures: Callable[[nn.Module, dict[str, torch.Tensor], Any], bytes | None] | None = None
     exports: Callable[[nn.Module, Any], dict[str, bytes]] | None = None
 
 
-def to_images(uint8: torch.Tensor) -> torch.Tensor:
+def to_images(uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float in [-1, 1]."""
-    return uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.as_tensor(uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def shard_images(storage: Storage, folder: str, image_size: int):
-    """A Ray Dataset of the images (``image``, uint8) and captions of a shard folder, streamed."""
-    import ray
-
+def shard_pieces(storage: Storage, folder: str) -> tuple[Piece, ...]:
+    """The complete source shards of ``folder`` as pieces, each with the samples its stats count."""
     ids = completed_shards(storage, folder)
     if not ids:
         raise UserFacingError(
             f"no complete shards at {folder} (run `unclip synth` or `unclip ingest`)"
         )
-
-    def read(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        url = shard_urls(folder, item["id"])["tar"]
-        skips = Skips()  # one policy (pipeline.data.reader): bad samples skipped and logged
-        for sample in read_samples(storage, url, skips):
-            try:
-                image = decode_image(sample.image, image_size)
-            except Exception:
-                skips.add(sample.key, "undecodable image", url)
-                continue
-            yield {"image": image, "caption": sample.caption}
-
-    return ray.data.from_items([{"id": i} for i in ids], override_num_blocks=len(ids)).flat_map(
-        read
+    return tuple(
+        Piece(
+            f"{i:05d}",
+            int(storage.read_json(shard_urls(folder, i)["stats"]).get("successes", 0)),
+        )
+        for i in ids
     )
+
+
+def store_pieces(store: EmbeddingStore) -> tuple[Piece, ...]:
+    """The store's completed shards as pieces, each with the rows its record counts."""
+    records = store.completed()
+    if not records:
+        raise UserFacingError(f"the embedding store at {store.url} has no completed shards")
+    return tuple(Piece(name, int(records[name]["rows"])) for name in sorted(records))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,30 +91,22 @@ def _store(cfg: Any, storage: Storage) -> EmbeddingStore:
     return EmbeddingStore.locate(storage, cfg.url(cfg.store), cfg.clip_id)
 
 
-def store_info(store: EmbeddingStore, image_size: int = 0) -> dict[str, Any]:
+def store_info(store: EmbeddingStore) -> dict[str, Any]:
     """What a stage reads of the store before it trains (the ``info`` its model is built with):
-    the store's URL and CLIP, the embedding dim, the tokenizer's context length, and the bytes its
-    rows take in memory with ``image_size`` px images (to decide whether to cache them)."""
+    the store's URL and CLIP, the embedding dim and the tokenizer's context length."""
     manifest = store.manifest()
-    dim, context = int(manifest["embed_dim"]), int(manifest["tokenizer"]["context_length"])
-    rows = sum(r["rows"] for r in store.completed().values())
     return {
         "store": store.url,
         "clip": manifest["clip"]["id"],
-        "embed_dim": dim,
-        "context_length": context,
-        "estimated_bytes": rows * (4 * dim + 4 * context + 3 * image_size**2),
+        "embed_dim": int(manifest["embed_dim"]),
+        "context_length": int(manifest["tokenizer"]["context_length"]),
     }
 
 
-def _shard_rows(storage: Storage, folder: str) -> int:
-    return sum(
-        int(storage.read_json(shard_urls(folder, i)["stats"]).get("successes", 0))
-        for i in completed_shards(storage, folder)
-    )
+PRIOR_COLUMNS = ("text_emb", "text_tokens", "image_emb")
 
 
-def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
     store = _store(cfg, storage)
     info = store_info(store)
     if cfg.model.kind == "autoregressive":  # the PCA and buckets are fitted on the store
@@ -122,7 +115,10 @@ def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Any, dict[str, An
         keep = np.sort(rng.permutation(table.num_rows)[:100_000])
         info["fit_image_emb"] = column_array(table, "image_emb")[keep].astype(np.float32)
         info["fit_text_emb"] = column_array(table, "text_emb")[keep].astype(np.float32)
-    return store.dataset(["text_emb", "text_tokens", "image_emb"]), info
+    source = StoreRows(
+        store_pieces(store), cfg.storage, cfg.train.seed, store=store.url, columns=PRIOR_COLUMNS
+    )
+    return source, info
 
 
 def build_prior(cfg: PriorConfig, info: dict[str, Any]) -> nn.Module:
@@ -139,24 +135,32 @@ def build_prior(cfg: PriorConfig, info: dict[str, Any]) -> nn.Module:
     return model
 
 
-def collate_embeddings(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.long() if k == "text_tokens" else v) for k, v in batch.items()}
+def collate_embeddings(batch: dict[str, Any], cfg: Any = None) -> dict[str, torch.Tensor]:
+    return {
+        k: torch.from_numpy(batch[k]).long() if k == "text_tokens" else torch.from_numpy(batch[k])
+        for k in PRIOR_COLUMNS
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Decoder
 
 
-def prepare_decoder(cfg: DecoderConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+def prepare_decoder(cfg: DecoderConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
     store = _store(cfg, storage)
-    dataset = image_dataset(
-        storage,
-        cfg.url(cfg.shards),
-        store,
+    shards = cfg.url(cfg.shards)
+    pieces = store_pieces(store)
+    store.check_source(shards)
+    source = StoreImages(
+        pieces,
+        cfg.storage,
+        cfg.train.seed,
+        store=store.url,
+        shards=shards,
         image_size=cfg.model.image_size,
         columns=("image_emb", "text_tokens"),
-    ).drop_columns(["key"])
-    return dataset, store_info(store, cfg.model.image_size)
+    )
+    return source, store_info(store)
 
 
 def build_decoder(cfg: DecoderConfig, info: dict[str, Any]) -> nn.Module:
@@ -165,11 +169,12 @@ def build_decoder(cfg: DecoderConfig, info: dict[str, Any]) -> nn.Module:
     return Decoder(cfg.model, cfg.diffusion, embed_dim=info["embed_dim"])
 
 
-def collate_images(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def collate_images(batch: dict[str, Any], cfg: Any = None) -> dict[str, torch.Tensor]:
     out = {"image": to_images(batch["image"])}
     for key in ("image_emb", "text_tokens"):
         if key in batch:
-            out[key] = batch[key].long() if key == "text_tokens" else batch[key]
+            value = torch.as_tensor(batch[key])
+            out[key] = value.long() if key == "text_tokens" else value
     return out
 
 
@@ -188,10 +193,12 @@ def decoder_pictures(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Deco
 # Upsampler
 
 
-def prepare_upsampler(cfg: UpsamplerConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+def prepare_upsampler(cfg: UpsamplerConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
     folder = cfg.url(cfg.shards)
-    dataset = shard_images(storage, folder, cfg.model.high_res).drop_columns(["caption"])
-    return dataset, {"estimated_bytes": _shard_rows(storage, folder) * 3 * cfg.model.high_res**2}
+    pieces = shard_pieces(storage, folder)
+    return TarImages(
+        pieces, cfg.storage, cfg.train.seed, shards=folder, image_size=cfg.model.high_res
+    ), {}
 
 
 def build_upsampler(cfg: UpsamplerConfig, info: dict[str, Any]) -> nn.Module:
@@ -257,26 +264,32 @@ class ClipStage(nn.Module):
     forward = loss
 
 
-def prepare_clip(cfg: TrainClipConfig, storage: Storage) -> tuple[Any, dict[str, Any]]:
+def prepare_clip(cfg: TrainClipConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
     import open_clip
 
     from pipeline.embed.clip_model import image_size_of, require_model
 
     require_model(cfg.clip)
     size = image_size_of(open_clip.get_model_config(cfg.clip.model))
-    source = cfg.clip
-
-    def tokenize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.embed.clip_model import tokenizer
-
-        tokens = tokenizer(source)([str(c) for c in batch["caption"]]).numpy().astype(np.int32)
-        return {"image": batch["image"], "text_tokens": tokens}
-
     folder = cfg.url(cfg.shards)
-    dataset = shard_images(storage, folder, size).map_batches(tokenize)
-    return dataset, {
-        "image_size": size,
-        "estimated_bytes": _shard_rows(storage, folder) * 3 * size**2,
+    source = TarImages(
+        shard_pieces(storage, folder),
+        cfg.storage,
+        cfg.train.seed,
+        shards=folder,
+        image_size=size,
+        captions=True,
+    )
+    return source, {"image_size": size}
+
+
+def collate_clip(batch: dict[str, Any], cfg: TrainClipConfig) -> dict[str, torch.Tensor]:
+    """Images to [-1, 1], captions to the CLIP's tokens."""
+    from pipeline.embed.clip_model import tokenizer
+
+    return {
+        "image": to_images(batch["image"]),
+        "text_tokens": tokenizer(cfg.clip)([str(c) for c in batch["caption"]]).long(),
     }
 
 
@@ -335,7 +348,7 @@ STAGES: dict[str, StageSpec] = {
         TrainClipConfig,
         prepare_clip,
         build_clip,
-        collate_images,
+        collate_clip,
         ("clip",),
         exports=clip_exports,
     ),
