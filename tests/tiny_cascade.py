@@ -100,7 +100,7 @@ def make_cascade_root(storage: Storage, root: str, clip_path: str) -> dict:
         {"skipped": {}},
     )
     store.finalize_manifest()
-    info = stages.store_info(store, SIZE)
+    info = stages.store_info(store)
     runs = {}
 
     def run(name: str) -> str:
