@@ -254,6 +254,12 @@ class TrainStageConfig(StageConfig):
             f"must be at least scaling.num_workers ({self.scaling.num_workers}): every worker "
             f"serves a data stream of its own, got {streams}",
         )
+        require(
+            not (self.scaling.strategy == "fsdp" and self.train.precision == "fp16"),
+            "train.precision",
+            "fp16 is not supported with scaling.strategy=fsdp: use bf16 (fp32's range, no loss "
+            "scale needed) or auto",
+        )
         per_step = streams * self.optim.grad_accum
         require(
             self.train.batch_size % per_step == 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -154,22 +155,54 @@ def _weights(root: Root, run_url: str, name: str) -> dict[str, torch.Tensor]:
     return load(root.storage.read_bytes(join(latest, name)))
 
 
+# The resume tests' prior runs: 30 steps, checkpoints at 10, 20 and 30.
+RESUMED = [
+    "train.steps=30",
+    "checkpoint.every_steps=10",
+    "train.batch_size=32",
+    "optim.warmup_steps=5",
+]
+
+
+def _straight_prior(root: Root, run: str, *overrides: str) -> tuple[Any, str]:
+    """An uninterrupted prior run: trained to step 30, its loss fell; (config, latest checkpoint)."""
+    cfg = _cfg(PriorConfig, "prior", root, f"run={run}", *overrides)
+    assert run_training("train-prior", cfg, root.storage)["step"] == 30
+    history, latest = _history(root, cfg.run_url())
+    _assert_falls(history, 0.5)
+    return cfg, latest
+
+
+def _assert_resumed_equals_straight(root: Root, straight: Any, resumed: Any, *names: str) -> None:
+    """The resumed run logged the uninterrupted run's losses, counted one resume and the same
+    samples, and its checkpoint's ``names`` hold the same weights (float tolerance)."""
+    a, _ = _history(root, straight.run_url())
+    b, _ = _history(root, resumed.run_url())
+    assert [s for s, _ in a] == [s for s, _ in b] == [5, 10, 15, 20, 25, 30]
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-4 * max(abs(x), abs(y)), (a, b)
+    for name in names:
+        want, got = (
+            _weights(root, straight.run_url(), name),
+            _weights(root, resumed.run_url(), name),
+        )
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+    state = root.storage.read_json(
+        join(checkpoints.latest_checkpoint(root.storage, resumed.run_url()), "state.json")
+    )
+    assert state["step"] == 30 and state["samples"] == 30 * 32 and state["resumes"] == 1
+
+
 def test_prior_trains_and_a_resumed_run_reaches_the_uninterrupted_weights(s3_root: Root) -> None:
     """On the S3 endpoint, with 2 workers: the prior learns, writing whole checkpoints and its
     events; a run stopped at step 10 and rerun draws the uninterrupted run's data and noise and
     reaches its weights; on the way, a half-written newer checkpoint is never picked and an
     incompatible config (another model, another batch size) is refused."""
     root = s3_root
-    common = [
-        "train.steps=30",
-        "checkpoint.every_steps=10",
-        "train.batch_size=32",
-        "optim.warmup_steps=5",
-    ]
-    straight = _cfg(PriorConfig, "prior", root, "run=straight", *common)
-    assert run_training("train-prior", straight, root.storage)["step"] == 30
-    history, latest = _history(root, straight.run_url())
-    _assert_falls(history, 0.5)
+    common = RESUMED
+    straight, latest = _straight_prior(root, "straight", *common)
     marker = root.storage.read_json(join(latest, "checkpoint.json"))
     assert {
         "model.safetensors",
@@ -215,23 +248,52 @@ def test_prior_trains_and_a_resumed_run_reaches_the_uninterrupted_weights(s3_roo
 
     resumed = _cfg(PriorConfig, "prior", root, "run=stopped", *common)
     assert run_training("train-prior", resumed, root.storage)["step"] == 30
-    a, _ = _history(root, straight.run_url())
-    b, _ = _history(root, resumed.run_url())
-    assert [s for s, _ in a] == [s for s, _ in b] == [5, 10, 15, 20, 25, 30]
-    for (_, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 1e-4 * max(abs(x), abs(y)), (a, b)
-    for name in ("model.safetensors", "ema.safetensors"):
-        want, got = (
-            _weights(root, straight.run_url(), name),
-            _weights(root, resumed.run_url(), name),
-        )
-        assert want.keys() == got.keys()
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
-    state = root.storage.read_json(
-        join(checkpoints.latest_checkpoint(root.storage, resumed.run_url()), "state.json")
-    )
-    assert state["step"] == 30 and state["samples"] == 30 * 32 and state["resumes"] == 1
+    _assert_resumed_equals_straight(root, straight, resumed, "model.safetensors", "ema.safetensors")
+
+
+def test_fsdp_prior_learns_and_a_run_resumed_on_one_worker_reaches_the_uninterrupted_weights(
+    s3_root: Root,
+) -> None:
+    """FSDP2 on the S3 endpoint: the prior learns on 2 workers, writing sharded checkpoints (every
+    rank's part, no single model file) with a consolidated EMA; a run stopped at step 10 and
+    resumed on one worker (the checkpoint resharded 2 → 1, the same 2 data streams) reaches the
+    uninterrupted run's weights; the exported EMA loads for sampling; a switch to DDP is refused.
+    ``ema.start_step`` beyond the run keeps the EMA a copy of the weights, so the consolidated
+    ``ema.safetensors`` compares the weights themselves."""
+    from pipeline.generate.cascade import find_checkpoint, load_stage_model
+
+    root = s3_root
+    common = [*RESUMED, "scaling.strategy=fsdp", "train.data_streams=2", "ema.start_step=1000"]
+    straight, latest = _straight_prior(root, "fsdp-straight", *common)
+    files = set(root.storage.read_json(join(latest, "checkpoint.json"))["files"])
+    assert {
+        "parts/.metadata",
+        "parts/__0_0.distcp",
+        "parts/__1_0.distcp",
+        "ema.safetensors",
+        "state.json",
+        "config.yaml",
+        "loss.png",
+    } <= files, files
+    assert not {"model.safetensors", "optimizer.pt"} & files
+
+    stopped = _cfg(PriorConfig, "prior", root, "run=fsdp-stopped", "train.stop_at_step=10", *common)
+    assert run_training("train-prior", stopped, root.storage)["step"] == 10
+    ddp = _cfg(PriorConfig, "prior", root, "run=fsdp-stopped", *common, "scaling.strategy=ddp")
+    with pytest.raises(UserFacingError, match=r"scaling.strategy: 'fsdp' in the run, 'ddp' now"):
+        run_training("train-prior", ddp, root.storage)
+    resumed = _cfg(PriorConfig, "prior", root, "run=fsdp-stopped", *common, "scaling.num_workers=1")
+    assert run_training("train-prior", resumed, root.storage)["step"] == 30
+    _assert_resumed_equals_straight(root, straight, resumed, "ema.safetensors")
+    want = _weights(root, straight.run_url(), "ema.safetensors")
+
+    checkpoint = find_checkpoint(root.storage, resumed.run_url(), "train-prior", "prior")
+    model = load_stage_model(root.storage, checkpoint)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-6, msg=key)
+    tokens = torch.zeros(2, 77, dtype=torch.long)
+    drawn = model.sample_candidates(torch.randn(2, 64), tokens, steps=2, num_candidates=1)
+    assert drawn.shape == (2, 1, 64) and torch.isfinite(drawn).all()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -181,13 +181,16 @@ class EMA:
         for shadow, param in params + buffers:
             param.copy_(shadow)
 
+    def averaged(self) -> dict[str, Tensor]:
+        """The average by ``model.state_dict()`` key, as held: shards of a sharded model."""
+        values = {**self.shadow, **self.buffers}
+        return {key: values[key] for key in self._state_keys}
+
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """The average as a ``model.state_dict()``-style dict (same keys), full tensors (sharded
         FSDP2 parameters are gathered: call it on every rank), float32 parameters."""
-        values = {**self.shadow, **self.buffers}
         out = {}
-        for key in self._state_keys:
-            value = values[key]
+        for key, value in self.averaged().items():
             full_tensor = getattr(value, "full_tensor", None)
             out[key] = full_tensor() if callable(full_tensor) else value
         return out

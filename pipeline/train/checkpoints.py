@@ -2,7 +2,9 @@
 
 A checkpoint is a folder (Ray Train persists it as ``<root>/checkpoints/<run>/checkpoint_<time>/``)::
 
-    model.safetensors      the stage model's weights
+    model.safetensors      the stage model's weights (DDP runs)
+    parts/                 FSDP runs, instead of model.safetensors and optimizer.pt: every rank's
+                           shards of the model, AdamW and EMA (torch.distributed.checkpoint)
     ema.safetensors        the EMA of those weights (what sampling uses), float32
     optimizer.pt           AdamW state (tensors and numbers only; loaded with weights_only=True)
     state.json             step, schedule, EMA counters, fp16 loss scale, samples seen, the stage
@@ -39,16 +41,23 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_local(
     folder: str,
     *,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     ema_state: dict[str, torch.Tensor] | None,
     optimizer_state: dict[str, Any] | None,
     state: dict[str, Any],
     config_yaml: str,
     extra_files: dict[str, bytes] | None = None,
+    parts: dict[str, int] | None = None,
 ) -> None:
-    """Write a checkpoint into a local folder (Ray Train then persists it); the marker goes last."""
+    """Write a checkpoint into a local folder (Ray Train then persists it); the marker goes last.
+
+    A sharded (FSDP) checkpoint has no ``model_state`` or ``optimizer_state``: its ``parts``
+    (``parts/...`` by size, :mod:`pipeline.train.sharding`) were uploaded by every rank before
+    this, and the marker lists them with the folder's own files, so the checkpoint counts only
+    when every rank's part is whole."""
     os.makedirs(folder, exist_ok=True)
-    save_file(_contiguous(model_state), os.path.join(folder, "model.safetensors"))
+    if model_state is not None:
+        save_file(_contiguous(model_state), os.path.join(folder, "model.safetensors"))
     if ema_state is not None:
         save_file(_contiguous(ema_state), os.path.join(folder, "ema.safetensors"))
     if optimizer_state is not None:
@@ -63,8 +72,9 @@ def write_local(
     files = {
         name: os.path.getsize(os.path.join(folder, name))
         for name in sorted(os.listdir(folder))
-        if name != MARKER
+        if name != MARKER and os.path.isfile(os.path.join(folder, name))
     }
+    files.update(parts or {})
     marker = {"format_version": FORMAT_VERSION, "step": state["step"], "files": files}
     with open(os.path.join(folder, MARKER), "w") as handle:
         json.dump(marker, handle, indent=2)

@@ -2,8 +2,8 @@
 
 Before anything is asked of the cluster: the config is already typed and checked; storage is
 reachable and writable; a run folder that already holds checkpoints was trained with a compatible
-config (same model, diffusion process, data and data order: batch size, seed, data streams and
-shuffle), else the run is refused with the keys that differ rather than silently resumed. Then the
+config (same model, diffusion process, data, data order: batch size, seed, data streams and
+shuffle, and checkpoint layout: DDP or FSDP), else the run is refused with the keys that differ rather than silently resumed. Then the
 run's config is saved beside its checkpoints and a ``TorchTrainer`` runs ``pipeline.train.loop``
 with the stage's data source (the workers read their own rows), a ``RunConfig`` named
 after the run on the shared storage (so rerunning the same command resumes from the latest
@@ -39,6 +39,8 @@ def _get(cfg: Any, dotted: str) -> Any:
 # value would not continue its data where it stopped. The worker count and grad_accum may change:
 # the global batch stays the data streams' rows.
 ORDER_KEYS = ("train.batch_size", "train.seed", "train.shuffle_shards", "train.shuffle_buffer")
+# What fixes a checkpoint's layout: FSDP's sharded parts and DDP's single files read differently.
+LAYOUT_KEYS = ("scaling.strategy",)
 
 
 def _value(cfg: Any, key: str) -> Any:
@@ -54,7 +56,11 @@ def check_compatible(stage: str, cfg: Any, storage: Storage) -> None:
     step, url = found[-1]
     text = storage.read_text(join(url, "config.yaml"))
     saved = configlib.from_dict(spec.config_cls, configlib.read_yaml_text(text), source=url)
-    changed = [key for key in (*spec.compatible, *ORDER_KEYS) if _get(saved, key) != _get(cfg, key)]
+    changed = [
+        key
+        for key in (*spec.compatible, *ORDER_KEYS, *LAYOUT_KEYS)
+        if _get(saved, key) != _get(cfg, key)
+    ]
     if data_streams(saved) != data_streams(cfg):
         changed.append("train.data_streams")
     if changed:

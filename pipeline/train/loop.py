@@ -2,13 +2,16 @@
 
 Each worker: builds the stage model (``pipeline.train.stages``), restores the latest checkpoint Ray
 Train hands it (model, EMA, AdamW, schedule, loss scale, step, data position, loss history), wraps
-the model with ``ray.train.torch.prepare_model`` (DDP, or FSDP by config), then steps on the rows of
+the model (DDP through ``ray.train.torch.prepare_model``, or FSDP2 by :mod:`pipeline.train.sharding`,
+before the optimizer and the EMA are built on its shards), then steps on the rows of
 its data streams (:mod:`pipeline.train.feed`: the same global batch, in the same order, on any
 number of workers), gradient accumulation, bf16 autocast on GPU (or fp16 by config, with a gradient scaler that skips steps whose
 gradients overflow), gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
 steps it reports loss, learning rate, samples/s, step time and ETA (printed by rank 0, written for
 TensorBoard); every ``checkpoint.every_steps`` and at the end rank 0 writes a checkpoint with a grid
-of EMA samples and the loss curve, reported to Ray Train with that step's metrics. Only checkpoints
+of EMA samples and the loss curve, reported to Ray Train with that step's metrics (under FSDP every
+rank first uploads its shards of the model, optimizer and EMA, and rank 0 adds the EMA gathered
+whole, for sampling; a resumed FSDP run reads its shards from storage, on any number of workers). Only checkpoints
 are reported: Ray Train (V2) keeps no metrics without a checkpoint, and ``ray.train.report`` blocks
 until its controller has taken the previous report, which it polls for every 2 s
 (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report every ``log_every`` steps would cap a fast run
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import posixpath
 import shutil
 import tempfile
 import time
@@ -101,16 +105,13 @@ def autocast(cfg: Any, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def grad_scaler(cfg: Any, device: torch.device, *, sharded: bool = False) -> torch.amp.GradScaler:
+def grad_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler:
     """The loss scaler: enabled for fp16 only, whose gradients underflow without it (bf16 has
     fp32's range and needs none). A disabled scaler passes every call through unchanged, so the
-    loop has one code path. FSDP needs the sharded scaler, which agrees on inf/NaN across ranks
-    (each rank sees only its shard's gradients); DDP's gradients are already all-reduced."""
+    loop has one code path. DDP's gradients are all-reduced before it looks for inf/NaN, so every
+    rank skips the same steps (FSDP's sharded gradients would need ``ShardedGradScaler``; the
+    config refuses fp16 with FSDP)."""
     enabled = resolved_precision(cfg, device) == "fp16"
-    if enabled and sharded:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device.type)
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
@@ -136,6 +137,8 @@ def optimizer_step(
     scaler.unscale_(optimizer)
     clip = grad_clip if grad_clip is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards, replicated
+        grad_norm = grad_norm.full_tensor()
     scale = scaler.get_scale()  # 1.0 when disabled
     scaler.step(optimizer)
     scaler.update()
@@ -214,14 +217,26 @@ def restore(
     from the initial scale."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    state.update(saved["state"])
+    restore_counters(saved["state"], schedule=schedule, scaler=scaler, state=state)
+    if saved["ema"] is not None:
+        _restore_ema(ema, model, saved["ema"], state)
+
+
+def restore_counters(
+    saved_state: dict[str, Any],
+    *,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    state: dict[str, Any],
+) -> None:
+    """The numbers of a checkpoint's ``state.json`` into ``state``, the schedule and the scaler
+    (what :func:`checkpoint_state` wrote), counting the resume."""
+    state.update(saved_state)
     schedule.load_state_dict(state.pop("scheduler"))
     scaler_state = state.pop("grad_scaler", None)
     if scaler_state is not None and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
     state["resumes"] = state.get("resumes", 0) + 1  # restarts after failures, and reruns
-    if saved["ema"] is not None:
-        _restore_ema(ema, model, saved["ema"], state)
 
 
 def _restore_ema(
@@ -252,13 +267,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every worker
     model = spec.build(cfg, info).to(device)
+    fsdp = cfg.scaling.strategy == "fsdp"
+    if fsdp:  # before the optimizer and the EMA: both hold the shards
+        from pipeline.train import sharding
+
+        sharding.shard(model, device, bf16_params=resolved_precision(cfg, device) == "bf16")
     ema = EMA(
         model, cfg.ema.decay, update_every=cfg.ema.update_every, start_step=cfg.ema.start_step
     )
     optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    strategy = getattr(cfg.scaling, "strategy", "ddp")
-    scaler = grad_scaler(cfg, device, sharded=world > 1 and strategy == "fsdp")
+    scaler = grad_scaler(cfg, device)
     state: dict[str, Any] = {
         "step": 0,
         "samples": 0,
@@ -268,7 +287,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     }
 
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:
+    if resumed is not None and fsdp:  # every rank reads its shards' byte ranges from storage
+        url = join(cfg.run_url(), posixpath.basename(resumed.path.rstrip("/")))
+        sharding.load_parts(storage, url, model, optimizer, ema)
+        restore_counters(
+            storage.read_json(join(url, "state.json")),
+            schedule=schedule,
+            scaler=scaler,
+            state=state,
+        )
+        ema.step, ema.num_updates = state["ema"]["step"], state["ema"]["num_updates"]
+    elif resumed is not None:
         with resumed.as_directory() as folder:
             saved = checkpoints.read_local(folder)
         restore(
@@ -280,12 +309,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ema=ema,
             state=state,
         )
-        if rank == 0:
-            print(f"[{spec.name}] resumed at step {state['step']} from {resumed.path}", flush=True)
+    if resumed is not None and rank == 0:
+        print(f"[{spec.name}] resumed at step {state['step']} from {resumed.path}", flush=True)
 
-    wrapped = LossOf(model)
-    if world > 1:
-        wrapped = ray.train.torch.prepare_model(wrapped, parallel_strategy=strategy)
+    wrapped = LossOf(model)  # under FSDP, model.loss is an FSDP forward method already
+    if world > 1 and not fsdp:
+        wrapped = ray.train.torch.prepare_model(wrapped, parallel_strategy="ddp")
 
     feed = Feed(
         loop_config["source"],
@@ -318,7 +347,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seed = step_seed(cfg.train.seed, step, part.stream, part.micro)
             torch.manual_seed(seed)  # dropout and conditioning-dropout draws
             generator = torch.Generator().manual_seed(seed)
-            sync = wrapped.no_sync() if world > 1 and i < last_micro else contextlib.nullcontext()
+            sync = contextlib.nullcontext()
+            if fsdp:  # gradients reduced on the step's last micro-batch only, as under DDP
+                sharding.set_gradient_sync(model, i == last_micro)
+            elif world > 1 and i < last_micro:
+                sync = wrapped.no_sync()
             with sync, autocast(cfg, device):
                 loss = wrapped(batch, generator)
             backward(loss, part.weight, scaler)
@@ -368,43 +401,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for key, value in metrics.items():
                 writer.add_scalar(f"train/{key}", value, step)
             writer.flush()
-        checkpoint = None
+        checkpoint, dir_name = None, None
         if checkpoint_now:
             state["streams"] = feed.positions()  # a collective: on every rank
-        if checkpoint_now and rank == 0:
             folder = tempfile.mkdtemp(prefix="unclip-ckpt-")
-            extra = {"loss.png": loss_curve_png(state["history"], f"{cfg.run}: training loss")}
-            ema_model = ema.ema_model
-            if spec.pictures is not None and preview is not None:
-                was = ema_model.training
-                ema_model.eval()
-                batch = {k: v.to(device) for k, v in preview.items()}
-                extra["samples.png"] = spec.pictures(ema_model, batch, cfg)
-                ema_model.train(was)
-            if spec.exports is not None:
-                extra.update(spec.exports(ema_model, cfg))
-            checkpoints.write_local(
-                folder,
-                model_state=model.state_dict(),
-                ema_state=ema.averaged_state_dict(),
-                optimizer_state=optimizer.state_dict(),
-                state={
-                    **checkpoint_state(state, schedule, ema, scaler),
-                    "stage": spec.name,
-                    "info": {k: v for k, v in info.items() if not k.startswith("fit_")},
-                },
-                config_yaml=configlib.dumps(cfg),
-                extra_files=extra,
-            )
-            checkpoint = Checkpoint.from_directory(folder)
-            if step == end_step:  # flush() leaves tensorboardX's queued events unwritten; close()
-                writer.close()  # writes them, so the last copy holds every step's scalars
-                writer = None
-            storage.copy_from_local(tb_dir, join(cfg.run_url(), "tensorboard"))
+            parts, sampler, averaged = None, None, None
+            if fsdp:  # every rank writes and uploads its shards; below, rank 0 the rest
+                dir_name = sharding.checkpoint_name()
+                parts = sharding.upload_parts(
+                    storage, folder, join(cfg.run_url(), dir_name), model, optimizer, ema
+                )
+                averaged = sharding.gathered(ema.averaged(), rank)  # full tensors on rank 0
+                if rank == 0:  # an unsharded copy of the average, to draw the samples
+                    sampler = spec.build(cfg, info).to(device)
+                    sampler.load_state_dict(averaged)
+            elif rank == 0:
+                sampler, averaged = ema.ema_model, ema.averaged_state_dict()
+            if rank == 0:
+                extra = {"loss.png": loss_curve_png(state["history"], f"{cfg.run}: training loss")}
+                was = sampler.training
+                sampler.eval()
+                if spec.pictures is not None and preview is not None:
+                    batch = {k: v.to(device) for k, v in preview.items()}
+                    extra["samples.png"] = spec.pictures(sampler, batch, cfg)
+                if spec.exports is not None:
+                    extra.update(spec.exports(sampler, cfg))
+                sampler.train(was)
+                checkpoints.write_local(
+                    folder,
+                    model_state=None if fsdp else model.state_dict(),
+                    ema_state=averaged,
+                    optimizer_state=None if fsdp else optimizer.state_dict(),
+                    state={
+                        **checkpoint_state(state, schedule, ema, scaler),
+                        "stage": spec.name,
+                        "info": {k: v for k, v in info.items() if not k.startswith("fit_")},
+                    },
+                    config_yaml=configlib.dumps(cfg),
+                    extra_files=extra,
+                    parts=parts,
+                )
+                checkpoint = Checkpoint.from_directory(folder)
+                if step == end_step:  # flush() leaves tensorboardX's queued events unwritten;
+                    writer.close()  # close() writes them: the last copy holds every scalar
+                    writer = None
+                storage.copy_from_local(tb_dir, join(cfg.run_url(), "tensorboard"))
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+            sampler = averaged = None
         if checkpoint_now:  # on every rank: a report is a collective (see the docstring)
             ray.train.report(
                 metrics,
                 checkpoint=checkpoint,
+                checkpoint_dir_name=dir_name,  # FSDP: the folder every rank's parts went to
                 checkpoint_upload_fn=lambda c, name: _persist(storage, cfg.run_url(), c, name),
             )
         if checkpoint is not None:
