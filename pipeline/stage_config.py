@@ -14,6 +14,7 @@ The YAML files in ``configs/<stage>/`` set these fields; ``pipeline.config.load`
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Literal
@@ -129,7 +130,13 @@ class ClipSource:
 class ScalingOptions:
     """How many Ray Train workers, with what resources (Ray Train's ScalingConfig)."""
 
-    num_workers: int = param(1, "training workers (one per GPU on a GPU cluster)", ge=1)
+    num_workers: int | str = param(
+        1,
+        "training workers (one per GPU on a GPU cluster), or a range min..max for elastic "
+        "training: it starts with what the cluster has, goes on with fewer when a node is lost "
+        "and grows when one joins (each change restarts from the latest checkpoint)",
+        ge=1,
+    )
     use_gpu: bool = param(False, "give each worker a GPU")
     cpus_per_worker: float = param(
         1.0, "CPUs reserved per worker (leave some for Ray Data's reading on small machines)", gt=0
@@ -140,6 +147,42 @@ class ScalingOptions:
     resources_per_worker: dict[str, float] = param(
         factory=dict, doc="extra custom resources per worker, e.g. {accelerator_type:H100: 0.01}"
     )
+    resize_interval_s: float = param(
+        60.0,
+        "elastic runs: seconds between looks for more workers than it runs with "
+        "(Ray Train's elastic_resize_monitor_interval_s)",
+        gt=0,
+    )
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: both ``num_workers`` unless it is a ``min..max`` range."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        low, _, high = self.num_workers.partition("..")
+        return int(low), int(high)
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, str)
+
+    def validate(self) -> None:
+        if isinstance(self.num_workers, str):
+            require(
+                re.fullmatch(r"\d+\.\.\d+", self.num_workers.strip()) is not None,
+                "num_workers",
+                f"expected a number or a range min..max (e.g. 2..8), got {self.num_workers!r}",
+            )
+            low, high = self.worker_range
+            require(
+                1 <= low <= high,
+                "num_workers",
+                f"a range min..max needs 1 <= min <= max, got {self.num_workers}",
+            )
 
 
 @dataclass
@@ -247,9 +290,10 @@ class TrainStageConfig(StageConfig):
     def validate(self) -> None:
         super().validate()
         require_name(self.run, "run", "<root>/checkpoints/")
-        streams = self.train.data_streams or self.scaling.num_workers
+        most = self.scaling.max_workers
+        streams = self.train.data_streams or most
         require(
-            streams >= self.scaling.num_workers,
+            streams >= most,
             "train.data_streams",
             f"must be at least scaling.num_workers ({self.scaling.num_workers}): every worker "
             f"serves a data stream of its own, got {streams}",
@@ -265,7 +309,7 @@ class TrainStageConfig(StageConfig):
             self.train.batch_size % per_step == 0,
             "train.batch_size",
             f"must be divisible by the data streams × optim.grad_accum ({streams} × "
-            f"{self.optim.grad_accum}; streams: train.data_streams, else scaling.num_workers), "
+            f"{self.optim.grad_accum}; streams: train.data_streams, else the most scaling.num_workers), "
             f"got {self.train.batch_size}",
         )
 

@@ -141,13 +141,36 @@ def _error(config_cls: type, yaml_text: str | None, overrides=(), tmp_path=None)
             "train: {batch_size: 33}\nscaling: {num_workers: 2}",
             (),
             "stage.yaml: train.batch_size: must be divisible by the data streams × optim.grad_accum "
-            "(2 × 1; streams: train.data_streams, else scaling.num_workers), got 33",
+            "(2 × 1; streams: train.data_streams, else the most scaling.num_workers), got 33",
         ),
         (
             "train: {data_streams: 2}\nscaling: {num_workers: 4}",
             (),
             "stage.yaml: train.data_streams: must be at least scaling.num_workers (4): every "
             "worker serves a data stream of its own, got 2",
+        ),
+        # elastic ranges: the streams default to the most workers, which the batch must divide
+        (
+            "train: {batch_size: 32}\nscaling: {num_workers: 2..3}",
+            (),
+            "stage.yaml: train.batch_size: must be divisible by the data streams × optim.grad_accum "
+            "(3 × 1; streams: train.data_streams, else the most scaling.num_workers), got 32",
+        ),
+        (
+            "train: {data_streams: 2}\nscaling: {num_workers: 1..4}",
+            (),
+            "stage.yaml: train.data_streams: must be at least scaling.num_workers (1..4): every "
+            "worker serves a data stream of its own, got 2",
+        ),
+        (
+            "scaling: {num_workers: 3..2}",
+            (),
+            "stage.yaml: scaling.num_workers: a range min..max needs 1 <= min <= max, got 3..2",
+        ),
+        (
+            "",
+            ("scaling.num_workers=two",),
+            "scaling.num_workers: expected a number or a range min..max (e.g. 2..8), got 'two'",
         ),
         (
             "run: a/b",

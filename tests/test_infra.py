@@ -76,11 +76,9 @@ def _resources_of(cluster_spec: dict) -> tuple[int, float]:
 def _needs(cfg) -> tuple[float, float]:
     """GPUs and CPUs a stage's config asks Ray for."""
     scaling = getattr(cfg, "scaling", None)
-    if scaling is not None:  # a training: num_workers workers
-        return (
-            scaling.num_workers * (1 if scaling.use_gpu else 0),
-            scaling.num_workers * scaling.cpus_per_worker,
-        )
+    if scaling is not None:  # a training: at least its (fewest) workers
+        least = scaling.worker_range[0]
+        return least * (1 if scaling.use_gpu else 0), least * scaling.cpus_per_worker
     gpus = (getattr(cfg, "gpus_per_actor", 0) or 0) * getattr(cfg, "concurrency", 1)
     cpus = (getattr(cfg, "cpus_per_actor", 0) or 0) * getattr(cfg, "concurrency", 1)
     return gpus, cpus

@@ -4,9 +4,10 @@
   is in the store, and a fresh node joins. That run finishes or fails with the stall error (it must
   not hang); a rerun then stores every good key exactly once and encodes only the shards the first
   run did not complete.
-* The prior trains with one worker on each worker node; after the first checkpoint one of those
-  nodes is removed and a fresh node joins: the run restarts from that checkpoint on the nodes it
-  has and finishes, with a falling loss.
+* Elastic training: the prior trains with ``scaling.num_workers: 1..2``, one worker on each worker
+  node; after its first checkpoint one of those nodes is lost for good: the run goes on with one
+  worker at the same global batch, its loss curve continuous; a node added once it has
+  checkpointed on one worker is taken in, and the run finishes on two.
 
 The drills are ``tests/drills/node_loss.py`` (the cluster) and ``node_loss_driver.py`` (the
 interrupted drivers). Nodes are removed with ``allow_graceful=False`` (their processes are
@@ -27,6 +28,7 @@ import sys
 import tempfile
 
 from drills import PROJECT, environment
+from drills.node_loss_driver import TRAIN_STEPS
 
 
 def test_node_loss_during_embedding_and_training(tmp_path) -> None:
@@ -65,10 +67,20 @@ def test_node_loss_during_embedding_and_training(tmp_path) -> None:
     assert embed["encoded_by_rerun"] == embed["shards"] - embed["done_before_rerun"], result
     assert embed["kept_records"], result
     assert embed["keys"] == embed["unique_keys"] == 160, result
-    # The training lost a node after its first checkpoint, restarted from a checkpoint (not from
-    # zero) on the nodes it had, and finished, learning.
-    assert train["node_removed"], result
-    assert train["driver"] == 'DRIVER finished {"step": 40}', result
-    assert train["state_step"] == 40 and train["resumes"] >= 1, result
+    # The elastic training lost a node after its first checkpoint and went on with one worker,
+    # restarting from a checkpoint (not from zero); it took the node added later, and finished.
+    assert train["node_removed"] and train["node_added"], result
+    steps = TRAIN_STEPS
+    assert train["driver"] == f'DRIVER finished {{"step": {steps}}}', result
+    assert [w for _, w in train["workers"]] == [2, 1, 2], result
+    assert train["state_step"] == steps and train["resumes"] >= 2, result
+    assert train["samples"] == steps * 32, result  # the global batch on one worker as on two
     assert train["alive_nodes"] == 3, result
-    assert train["last_loss"] < train["first_loss"], result
+    # One loss curve: every logged step once, no jump where the worker count changed, falling.
+    history = train["history"]
+    assert [s for s, _ in history] == list(range(5, steps + 1, 5)), result
+    loss = dict(history)
+    for changed, _ in train["workers"][1:]:
+        before, after = loss[changed], loss[changed + 5]
+        assert after < 1.5 * before, (changed, before, after, result)
+    assert loss[steps] < loss[5], result

@@ -95,9 +95,12 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
         train_loop_per_worker,
         train_loop_config={"stage": stage, "cfg": cfg, "info": info, "source": source},
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=(
+                cfg.scaling.worker_range if cfg.scaling.elastic else cfg.scaling.num_workers
+            ),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.run,

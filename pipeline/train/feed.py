@@ -32,8 +32,8 @@ class MicroBatch:
 
 
 def data_streams(cfg: Any) -> int:
-    """The run's number of data streams: ``train.data_streams``, or the number of workers."""
-    return cfg.train.data_streams or cfg.scaling.num_workers
+    """The run's number of data streams: ``train.data_streams``, or the (most) workers."""
+    return cfg.train.data_streams or cfg.scaling.max_workers
 
 
 class Feed:

@@ -311,6 +311,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     if resumed is not None and rank == 0:
         print(f"[{spec.name}] resumed at step {state['step']} from {resumed.path}", flush=True)
+    # [step, workers] whenever the count changes: an elastic run's restarts on more or fewer
+    state.setdefault("workers", [])
+    if not state["workers"] or state["workers"][-1][1] != world:
+        state["workers"].append([state["step"], world])
+        if rank == 0 and len(state["workers"]) > 1:
+            print(f"[{spec.name}] {world} workers from step {state['step']}", flush=True)
 
     wrapped = LossOf(model)  # under FSDP, model.loss is an FSDP forward method already
     if world > 1 and not fsdp:
@@ -385,6 +391,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "step_time_s": step_time,
             "eta_s": step_time * (cfg.train.steps - step),
             "epoch": feed.epochs(),
+            "workers": world,
         }
         if scaler.is_enabled():
             metrics["grad_scale"] = scaler.get_scale()

@@ -5,11 +5,12 @@ line of JSON that the test reads.
     python -m drills.node_loss ROOT       (RAY_TMPDIR: a short folder of this run's own)
 
 1. The embedding job, as a driver of its own (``drills.node_loss_driver``), loses a worker node once
-   its first shard is in the store, and a fresh node joins. A run with a stall timeout shorter than
-   the encoders' start-up comes first: it must fail with the stall error. A rerun then encodes only
-   what the interrupted run did not complete.
-2. A prior training (one worker per worker node) loses a node after its first checkpoint: it must
-   restart from that checkpoint on the nodes it has and finish.
+   its first shard is in the store, and a fresh node joins. A rerun then encodes only what the
+   interrupted run did not complete.
+2. An elastic prior training (``num_workers: 1..2``, one worker per worker node) loses a node after
+   its first checkpoint and goes on with one worker; a node added then is taken in.
+3. An embedding run with a stall timeout shorter than the encoders' start-up must fail with the
+   stall error.
 
 Nodes are removed with ``allow_graceful=False``: their processes are SIGKILLed, as when a machine
 dies. The head has no CPUs, so all work lands on the worker nodes.
@@ -56,10 +57,38 @@ class Drill:
         self.workers = [self.cluster.add_node(**NODE) for _ in range(2)]
         ray.init(address=self.cluster.address, log_to_driver=False)
 
+    def lose_node(self) -> None:
+        """SIGKILL a worker node's processes, as when a machine dies."""
+        self.cluster.remove_node(self.workers.pop(0), allow_graceful=False)
+
+    def add_node(self) -> None:
+        """Start a fresh worker node (from the main thread: ``Cluster.add_node`` installs signal
+        handlers)."""
+        self.workers.append(self.cluster.add_node(**NODE))
+        self.cluster.wait_for_nodes()
+
     def run_losing_a_node(self, args: list[str], ready: Callable[[], bool]) -> tuple[str, bool]:
-        """Run a driver; once ``ready()``, SIGKILL a worker node and start a fresh one (from this,
-        the main thread: ``Cluster.add_node`` installs signal handlers). Returns the driver's
-        outcome line and whether the node went while the driver ran."""
+        """Run a driver; once ``ready()``, lose a worker node and start a fresh one. Returns the
+        driver's outcome line and whether the node went while the driver ran."""
+
+        def replace() -> None:
+            self.lose_node()
+            time.sleep(2)
+            self.add_node()
+
+        outcome, done = self.run_with(args, [(ready, replace)])
+        return outcome, done[0]
+
+    def run_with(
+        self,
+        args: list[str],
+        plan: list[tuple[Callable[[], bool], Callable[[], None]]],
+        poll_s: float = 0.05,
+        **env: str,
+    ) -> tuple[str, list[bool]]:
+        """Run a driver and, in turn, each ``(ready, action)`` of ``plan``: the action once its
+        ``ready()`` holds, while the driver runs. Returns the driver's outcome line and, per
+        action, whether it ran while the driver did."""
         child = subprocess.Popen(
             [
                 sys.executable,
@@ -69,23 +98,22 @@ class Drill:
                 self.root,
                 *args,
             ],
-            env=environment(),
+            env=environment(**env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.time() + 300
-        while child.poll() is None and not ready() and time.time() < deadline:
-            time.sleep(0.05)
-        removed = child.poll() is None
-        if removed:
-            self.cluster.remove_node(self.workers.pop(0), allow_graceful=False)
-            time.sleep(2)
-            self.workers.append(self.cluster.add_node(**NODE))
-            self.cluster.wait_for_nodes()
+        done = []
+        for ready, action in plan:
+            deadline = time.time() + 300
+            while child.poll() is None and not ready() and time.time() < deadline:
+                time.sleep(poll_s)
+            done.append(child.poll() is None)
+            if done[-1]:
+                action()
         out, err = child.communicate(timeout=400)
         lines = [line for line in out.splitlines() if line.startswith("DRIVER ")]
-        return (lines[-1] if lines else out[-2000:] + err[-4000:]), removed
+        return (lines[-1] if lines else out[-2000:] + err[-4000:]), done
 
     def shutdown(self) -> None:
         ray.shutdown()
@@ -112,8 +140,6 @@ def embed_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
         at_removal.update(stored())
         return bool(at_removal)
 
-    # the stall watchdog, first: a timeout shorter than the encoders' start-up fails the run
-    stalled, _ = drill.run_losing_a_node(["embed", checkpoint, "0.001", "stalls"], lambda: False)
     # 90 s: the encoders' start-up counts against the stall timeout, and beside the suite's other
     # tests it took over 40 s (the run stalled before its first shard and no node was removed)
     first_run, removed = drill.run_losing_a_node(
@@ -136,7 +162,6 @@ def embed_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
     for name in sorted(after):
         keys += pq.read_table(store.shard_file(name), columns=["key"]).column("key").to_pylist()
     return {
-        "stalled_run": stalled,
         "first_run": first_run,
         "node_removed": removed,
         "shards": SHARDS,
@@ -150,25 +175,41 @@ def embed_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
 
 
 def train_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
-    # one worker per node (each takes the node's one trainer_slot): a removal hits a worker
+    """An elastic prior training (``num_workers: 1..2``, one worker per worker node: each takes
+    the node's one trainer_slot) loses a node after its first checkpoint and gets none back; once
+    it has checkpointed on the one worker left, a node joins."""
     run_url = join(drill.root, "checkpoints", "prior")
 
-    def checkpointed() -> bool:
+    def latest_state() -> dict[str, Any]:
         try:
-            snapshot = storage.read_json(join(run_url, "checkpoint_manager_snapshot.json"))
-            return bool(snapshot.get("checkpoint_results"))
+            return storage.read_json(join(latest_checkpoint(storage, run_url), "state.json"))
         except Exception:
-            return False
+            return {}
 
-    trained, removed = drill.run_losing_a_node(["train"], checkpointed)
-    state = storage.read_json(join(latest_checkpoint(storage, run_url), "state.json"))
+    def on_one_worker() -> bool:
+        workers = latest_state().get("workers", [])
+        return bool(workers) and workers[-1][1] == 1
+
+    started = time.time()
+    trained, done = drill.run_with(
+        ["train"],
+        [(lambda: bool(latest_state()), drill.lose_node), (on_one_worker, drill.add_node)],
+        poll_s=0.5,
+        # a restart that still counts the lost node's slot gives up its placement after 15 s
+        # (Ray Train's default: 60 s) and is rescheduled on what the cluster has
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
+    )
+    state = latest_state()
     return {
         "driver": trained,
-        "node_removed": removed,
+        "node_removed": done[0],
+        "node_added": done[1],
+        "seconds": round(time.time() - started),
         "state_step": state["step"],
+        "samples": state["samples"],
         "resumes": state["resumes"],
-        "first_loss": state["history"][0][1],
-        "last_loss": state["history"][-1][1],
+        "workers": state["workers"],
+        "history": state["history"],
         "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
     }
 
@@ -178,9 +219,15 @@ def main() -> None:
     drill = Drill(sys.argv[1])
     result: dict[str, Any] = {}
     result["embed"] = embed_drill(drill, storage)
-    result["stalled_run"] = result["embed"].pop("stalled_run")
     print("EMBED " + json.dumps(result["embed"]), flush=True)
     result["train"] = train_drill(drill, storage)
+    print("TRAIN " + json.dumps(result["train"]), flush=True)
+    # the stall watchdog, last: a timeout shorter than the encoders' start-up fails the run. (Run
+    # first, the resources its pool asked Ray Data's autoscaling coordinator for stayed reserved
+    # after its driver ended, and the next run got no encoders for over 90 s.)
+    result["stalled_run"], _ = drill.run_with(
+        ["embed", os.path.join(drill.root, "clip.safetensors"), "0.001", "stalls"], []
+    )
     print("RESULT " + json.dumps(result), flush=True)
     drill.shutdown()
 

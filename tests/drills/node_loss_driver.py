@@ -21,6 +21,8 @@ from pipeline.errors import UserFacingError
 from pipeline.stage_config import PriorConfig
 from pipeline.storage import Storage
 
+TRAIN_STEPS = 400  # long enough to lose a node, go on with one worker, and take a new one in
+
 
 def embed(root: str, checkpoint: str, stall_timeout_s: float, clip_id: str) -> None:
     from pipeline.embed.job import run_embedding
@@ -49,12 +51,13 @@ def train(root: str) -> None:
         [
             f"root={root}",
             "clip_id=drill",
-            "train.steps=40",
+            f"train.steps={TRAIN_STEPS}",
             "train.batch_size=32",
             "checkpoint.every_steps=10",
             "train.log_every=5",
             "train.max_failures=2",
-            "scaling.num_workers=2",
+            "scaling.num_workers=1..2",
+            "scaling.resize_interval_s=5",
             "scaling.cpus_per_worker=0.5",
             "scaling.resources_per_worker={trainer_slot: 1}",
         ],
