@@ -31,7 +31,7 @@ from drills import PROJECT, environment
 from drills.node_loss_driver import TRAIN_STEPS
 
 
-def test_node_loss_during_embedding_and_training(tmp_path) -> None:
+def test_node_loss_during_embedding_and_elastic_training(tmp_path) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="mn-", dir="/tmp")  # short: Ray's socket paths are limited
     proc = subprocess.Popen(
         [sys.executable, "-m", "drills.node_loss", str(tmp_path)],

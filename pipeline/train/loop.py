@@ -2,23 +2,25 @@
 
 Each worker: builds the stage model (``pipeline.train.stages``), restores the latest checkpoint Ray
 Train hands it (model, EMA, AdamW, schedule, loss scale, step, data position, loss history), wraps
-the model (DDP through ``ray.train.torch.prepare_model``, or FSDP2 by :mod:`pipeline.train.sharding`,
-before the optimizer and the EMA are built on its shards), then steps on the rows of
-its data streams (:mod:`pipeline.train.feed`: the same global batch, in the same order, on any
-number of workers), gradient accumulation, bf16 autocast on GPU (or fp16 by config, with a gradient scaler that skips steps whose
-gradients overflow), gradient clipping, AdamW with warm-up then decay, EMA. Every ``log_every``
-steps it reports loss, learning rate, samples/s, step time and ETA (printed by rank 0, written for
-TensorBoard); every ``checkpoint.every_steps`` and at the end rank 0 writes a checkpoint with a grid
-of EMA samples and the loss curve, reported to Ray Train with that step's metrics (under FSDP every
-rank first uploads its shards of the model, optimizer and EMA, and rank 0 adds the EMA gathered
-whole, for sampling; a resumed FSDP run reads its shards from storage, on any number of workers). Only checkpoints
-are reported: Ray Train (V2) keeps no metrics without a checkpoint, and ``ray.train.report`` blocks
-until its controller has taken the previous report, which it polls for every 2 s
-(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report every ``log_every`` steps would cap a fast run
-at ``log_every`` steps per 2 s (``bench/train_throughput.py --log-every 5``). The randomness of each
-micro-batch (timesteps, noise, dropout) is seeded by (seed, step, data stream, micro-batch), and
-the checkpoint keeps every data stream's position, so a resumed run, on any number of workers, sees
-the rows and draws the noise an uninterrupted one would have.
+the model (DDP through ``ray.train.torch.prepare_model``, or FSDP2 by
+:mod:`pipeline.train.sharding`, before the optimizer and the EMA are built on its shards), then
+steps on the rows of its data streams (:mod:`pipeline.train.feed`: the same global batch, in the
+same order, on any number of workers), gradient accumulation, bf16 autocast on GPU (or fp16 by
+config, with a gradient scaler that skips steps whose gradients overflow), gradient clipping, AdamW
+with warm-up then decay, EMA. Every ``log_every`` steps it reports loss, learning rate, samples/s,
+step time and ETA (printed by rank 0, written for TensorBoard); every ``checkpoint.every_steps`` and
+at the end rank 0 writes a checkpoint with a grid of EMA samples and the loss curve, reported to Ray
+Train with that step's metrics (under FSDP every rank first uploads its shards of the model,
+optimizer and EMA, and rank 0 adds the EMA gathered whole, for sampling; a resumed FSDP run reads
+its shards from storage, on any number of workers). Only checkpoints are reported: Ray Train (V2)
+keeps no metrics without a checkpoint, and ``ray.train.report`` blocks until its controller has
+taken the previous report, which it polls for every 2 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so
+a report every ``log_every`` steps would cap a fast run at ``log_every`` steps per 2 s
+(``bench/train_throughput.py --log-every 5``). The randomness of each micro-batch (timesteps, noise,
+dropout) is seeded by (seed, step, data stream, micro-batch), and the checkpoint keeps every data
+stream's position, so a resumed run, on any number of workers, sees the rows and draws the noise an
+uninterrupted one would have: an elastic run restarted on more or fewer workers too
+(``state["workers"]`` records each change of the count).
 """
 
 from __future__ import annotations
