@@ -132,20 +132,29 @@ class Order:
             epoch, drawn = epoch + 1, drawn - total
         return Position(epoch, drawn)
 
-    def walk(self, stream: int, start: Position) -> Iterator[Slot]:
-        """Every draw of ``stream`` from ``start`` on, epoch after epoch, forever."""
+    def groups_from(
+        self, stream: int, start: Position
+    ) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+        """The draws of ``stream`` from ``start`` on, a group at a time, epoch after epoch,
+        forever: ``(epoch, drawn before the group's first, [(piece, slot), ...])``, the first
+        group cut at ``start``."""
         position = self.normalize(stream, start)
         epoch, drawn = position.epoch, position.drawn
         group, offset = self.locate(stream, position)
         while True:
             groups = self.groups(stream, epoch)
             while group < len(groups):
-                order = self.group_order(stream, epoch, group)
-                for piece, slot in order[offset:].tolist():
-                    drawn += 1
-                    yield Slot(piece, slot, Position(epoch, drawn))
+                draws = self.group_order(stream, epoch, group)[offset:].tolist()
+                yield epoch, drawn, draws
+                drawn += len(draws)
                 group, offset = group + 1, 0
             epoch, drawn, group = epoch + 1, 0, 0
+
+    def walk(self, stream: int, start: Position) -> Iterator[Slot]:
+        """Every draw of ``stream`` from ``start`` on, epoch after epoch, forever."""
+        for epoch, drawn, draws in self.groups_from(stream, start):
+            for count, (piece, slot) in enumerate(draws, drawn + 1):
+                yield Slot(piece, slot, Position(epoch, count))
 
 
 @lru_cache(maxsize=64)

@@ -91,29 +91,20 @@ class StreamReader:
             self._put(exc)
 
     def _draws(self) -> Iterator[tuple[Position, Raw]]:
-        order, stream = self.order, self.stream
-        epoch, drawn = self.position.epoch, self.position.drawn
-        group, offset = order.locate(stream, self.position)
-        while True:
-            groups = order.groups(stream, epoch)
-            while group < len(groups):
-                draws = order.group_order(stream, epoch, group)[offset:].tolist()
-                wanted: dict[int, set[int]] = {}
-                for piece, slot in draws:
-                    wanted.setdefault(piece, set()).add(slot)
-                readers = {p: self.source.rows(p, epoch, wanted[p]) for p in wanted}
-                held: dict[int, dict[int, Raw]] = {p: {} for p in wanted}
-                try:
-                    for piece, slot in draws:
-                        drawn += 1
-                        yield Position(epoch, drawn), _fetch(readers[piece], held[piece], slot)
-                        if self._stop.is_set():
-                            return
-                finally:
-                    for reader in readers.values():
-                        reader.close()
-                group, offset = group + 1, 0
-            epoch, drawn, group = epoch + 1, 0, 0
+        for epoch, drawn, draws in self.order.groups_from(self.stream, self.position):
+            wanted: dict[int, set[int]] = {}
+            for piece, slot in draws:
+                wanted.setdefault(piece, set()).add(slot)
+            readers = {p: self.source.rows(p, epoch, wanted[p]) for p in wanted}
+            held: dict[int, dict[int, Raw]] = {p: {} for p in wanted}
+            try:
+                for count, (piece, slot) in enumerate(draws, drawn + 1):
+                    yield Position(epoch, count), _fetch(readers[piece], held[piece], slot)
+                    if self._stop.is_set():
+                        return
+            finally:
+                for reader in readers.values():
+                    reader.close()
 
 
 def _fetch(reader: Iterator[tuple[int, Raw]], held: dict[int, Raw], slot: int) -> Raw:
