@@ -126,6 +126,24 @@ def read_local(folder: str) -> dict[str, Any]:
     return out
 
 
+def read(storage: Storage, url: str) -> dict[str, Any]:
+    """The checkpoint at ``url`` as :func:`read_local` returns it, read by this process alone: the
+    files its marker lists are streamed (with the storage retries) into a private temporary folder.
+    Ray's ``Checkpoint.as_directory`` shares one download folder between a node's workers, and a
+    resumed worker was seen reading an ``optimizer.pt`` of the right size and broken contents."""
+    import shutil
+    import tempfile
+
+    marker = storage.read_json(join(url, MARKER))
+    with tempfile.TemporaryDirectory(prefix="unclip-resume-") as folder:
+        for name in [*marker["files"], MARKER]:
+            path = os.path.join(folder, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with storage.open(join(url, name)) as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        return read_local(folder)
+
+
 # ----------------------------------------------------------------------------------------------
 # Readers outside Ray Train (sampling, evaluation, embedding with a trained CLIP)
 

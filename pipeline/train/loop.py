@@ -289,8 +289,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     }
 
     resumed = ray.train.get_checkpoint()
-    if resumed is not None and fsdp:  # every rank reads its shards' byte ranges from storage
+    if resumed is not None:
         url = join(cfg.run_url(), posixpath.basename(resumed.path.rstrip("/")))
+    if resumed is not None and fsdp:  # every rank reads its shards' byte ranges from storage
         sharding.load_parts(storage, url, model, optimizer, ema)
         restore_counters(
             storage.read_json(join(url, "state.json")),
@@ -299,11 +300,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state=state,
         )
         ema.step, ema.num_updates = state["ema"]["step"], state["ema"]["num_updates"]
-    elif resumed is not None:
-        with resumed.as_directory() as folder:
-            saved = checkpoints.read_local(folder)
+    elif resumed is not None:  # every worker reads its own copy (see checkpoints.read)
         restore(
-            saved,
+            checkpoints.read(storage, url),
             model=model,
             optimizer=optimizer,
             schedule=schedule,
