@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import torch
@@ -131,9 +133,6 @@ def read(storage: Storage, url: str) -> dict[str, Any]:
     files its marker lists are streamed (with the storage retries) into a private temporary folder.
     Ray's ``Checkpoint.as_directory`` shares one download folder between a node's workers, and a
     resumed worker was seen reading an ``optimizer.pt`` of the right size and broken contents."""
-    import shutil
-    import tempfile
-
     marker = storage.read_json(join(url, MARKER))
     with tempfile.TemporaryDirectory(prefix="unclip-resume-") as folder:
         for name in [*marker["files"], MARKER]:
