@@ -174,6 +174,36 @@ def embed_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
     }
 
 
+def wait_for_unreserved_cluster(timeout_s: float = 200) -> list[str]:
+    """Wait until no earlier job holds a reservation with the autoscaling coordinator (Ray Data's
+    and Ray Train's shared detached actor), and return the requests seen at first.
+
+    An elastic training starts with the workers the coordinator reserves for it. A Ray Data
+    pipeline cancels its request when it ends, but fire-and-forget: a driver that exits at once
+    can leave it until it expires (180 s), and the training then starts with fewer workers (a CI
+    run started this drill's training on one). What the drill asserts is the loss of a node
+    and the arrival of one, so it starts from an unreserved cluster.
+    """
+    try:
+        actor = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:
+        return []
+
+    def requests(self) -> list[str]:
+        now = time.time()
+        return [
+            f"{requester}: {request.requested_resources} for {request.expiration_time - now:.0f} s"
+            for requester, request in self._ongoing_reqs.items()
+            if request.expiration_time >= now
+        ]
+
+    seen = ray.get(actor.__ray_call__.remote(requests))
+    deadline = time.time() + timeout_s
+    while ray.get(actor.__ray_call__.remote(requests)) and time.time() < deadline:
+        time.sleep(2)
+    return seen
+
+
 def train_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
     """An elastic prior training (``num_workers: 1..2``, one worker per worker node: each takes
     the node's one trainer_slot) loses a node after its first checkpoint and gets none back; once
@@ -191,6 +221,7 @@ def train_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
         return bool(workers) and workers[-1][1] == 1
 
     started = time.time()
+    reserved_before = wait_for_unreserved_cluster()
     trained, done = drill.run_with(
         ["train"],
         [(lambda: bool(latest_state()), drill.lose_node), (on_one_worker, drill.add_node)],
@@ -211,6 +242,7 @@ def train_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
         "workers": state["workers"],
         "history": state["history"],
         "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+        "reserved_before": reserved_before,
     }
 
 
