@@ -426,6 +426,12 @@ class EmbedConfig(StageConfig):
     clip: ClipSource = param(factory=ClipSource, doc="the CLIP to encode with")
     batch_size: int = param(64, "samples per encoder call", ge=1)
     concurrency: int = param(1, "encoder actors", ge=1)
+    readers_per_encoder: int = param(
+        2,
+        "shard tasks running per encoder actor (1 CPU each): each reads, decodes and batches "
+        "one source shard for its encoder and writes the shard's store file",
+        ge=1,
+    )
     gpus_per_actor: float = param(0.0, "GPUs per encoder actor (0: CPU)", ge=0)
     cpus_per_actor: float = param(1.0, "CPUs reserved per encoder actor", gt=0)
     threads_per_actor: int | None = param(

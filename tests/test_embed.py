@@ -1,4 +1,4 @@
-"""The embedding job on Ray Data with the tiny CLIP, on local disk and on the S3 endpoint: embeddings
+"""The embedding job on Ray with the tiny CLIP, on local disk and on the S3 endpoint: embeddings
 equal the bare model's, reruns resume exactly once, bad samples are counted and skipped, a store from
 another CLIP is refused, the readers stream rows and images matched by key, clip-retrieval imports."""
 
@@ -101,23 +101,21 @@ def test_embeddings_equal_the_bare_model(storage_root: Root, ray_local, clip_che
 def test_interrupted_run_resumes_exactly_once(
     storage_root: Root, ray_local, clip_checkpoint, monkeypatch
 ) -> None:
-    import pipeline.embed.job as embed_module
-
     write_synth(storage_root, 40, 8)
     cfg = embed_cfg(storage_root, clip_checkpoint)
-    original = embed_module.ShardGatherer._publish
+    original = EmbeddingStore.write_record
     published = []
 
-    def dying_publish(self, name, entry):
+    def dying_record(self, name, record):  # the driver dies after recording two shards
         if len(published) == 2:
             raise KeyboardInterrupt("killed after two shards")
         published.append(name)
-        return original(self, name, entry)
+        return original(self, name, record)
 
-    monkeypatch.setattr(embed_module.ShardGatherer, "_publish", dying_publish)
+    monkeypatch.setattr(EmbeddingStore, "write_record", dying_record)
     with pytest.raises(KeyboardInterrupt):
         run_embedding(cfg, storage_root.storage)
-    monkeypatch.setattr(embed_module.ShardGatherer, "_publish", original)
+    monkeypatch.setattr(EmbeddingStore, "write_record", original)
 
     store = EmbeddingStore.locate(storage_root.storage, f"{storage_root.url}/embeddings")
     first = store.completed()
@@ -285,3 +283,37 @@ def test_wrong_embedding_dimensions_are_named(tmp_path) -> None:
 def test_embed_without_shards_is_a_clear_error(tmp_path, capsys) -> None:
     assert embed_job.main([f"root={tmp_path}"]) == 1
     assert f"no complete shards at {tmp_path}/shards" in capsys.readouterr().err
+
+
+def test_completion_records_come_from_the_index_and_what_changed_since(
+    storage_root: Root, monkeypatch
+) -> None:
+    """The compacted index answers for the records it holds at their indexed version; a record
+    rewritten or added since is read from storage; a damaged index falls back to the records."""
+    store = EmbeddingStore(storage_root.storage, f"{storage_root.url}/embeddings/idx")
+    for i in range(5):
+        store.write_record(f"{i:05d}", {"rows": i, "skipped": {}})
+    assert store.write_index()["00003"] == {"rows": 3, "skipped": {}}
+    store.write_record("00002", {"rows": 20, "skipped": {}})  # rewritten since the index
+    store.write_record("00009", {"rows": 9, "skipped": {}})  # added since
+    reads: list[str] = []
+    original = Storage.read_json
+
+    def counted(self, url):
+        reads.append(url.rsplit("/", 1)[-1])
+        return original(self, url)
+
+    monkeypatch.setattr(Storage, "read_json", counted)
+    records = store.completed()
+    assert {n: r["rows"] for n, r in records.items()} == {
+        "00000": 0,
+        "00001": 1,
+        "00002": 20,
+        "00003": 3,
+        "00004": 4,
+        "00009": 9,
+    }
+    assert sorted(reads) == ["00002.json", "00009.json"]
+    storage_root.storage.write_bytes(f"{store.url}/done-index.parquet", b"not a parquet")
+    reads.clear()
+    assert store.completed() == records and len(reads) == 6

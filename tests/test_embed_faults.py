@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.data.shards import ShardWriter, completed_shards, sample_key, shard_urls
 from pipeline.embed import clip_model
-from pipeline.embed.job import embedding_problems, run_embedding
+from pipeline.embed.encoder import embedding_problems
+from pipeline.embed.job import run_embedding
 from pipeline.embed.store import EmbeddingStore, image_dataset
 from pipeline.errors import UserFacingError
 from pipeline.storage import Storage, StorageOptions, join

@@ -80,7 +80,9 @@ def test_node_loss_during_embedding_and_elastic_training(tmp_path) -> None:
     history = train["history"]
     assert [s for s, _ in history] == list(range(5, steps + 1, 5)), result
     loss = dict(history)
-    for changed, _ in train["workers"][1:]:
-        before, after = loss[changed], loss[changed + 5]
-        assert after < 1.5 * before, (changed, before, after, result)
+    for changed, _ in train["workers"][1:]:  # one logged loss is noisy: windows of three
+        before = [loss[s] for s in range(changed - 10, changed + 1, 5) if s in loss]
+        after = [loss[s] for s in range(changed + 5, changed + 16, 5) if s in loss]
+        window = (changed, before, after, train["workers"])
+        assert sum(after) / len(after) < 1.5 * sum(before) / len(before), window
     assert loss[steps] < loss[5], result

@@ -105,3 +105,24 @@ def test_the_image_stages_reader_fails_loudly_on_a_missing_tar(local: Root) -> N
     local.storage.remove(url)
     with pytest.raises(StorageError, match=r"00000\.tar: no such file"):
         list(iter_shard_with_embeddings(local.storage, join(local.url, "shards"), store, "00000"))
+
+
+def test_a_source_smaller_than_the_stage_is_refused_naming_shard_and_key() -> None:
+    """An image stage never upscales: a 64 px source for a 256 px stage fails naming the shard
+    and the key; a larger one is downscaled; a broken one is still skipped and counted."""
+    from pipeline.embed.store import SourceTooSmall
+    from pipeline.train.sources import TarImages
+
+    def png(side: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (side, side), (200, 10, 10)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    source = TarImages(pieces=(), storage=StorageOptions(), image_size=256)
+    with pytest.raises(
+        SourceTooSmall, match=r"000030007 of shard 00003 is 64×64 px, smaller than the 256"
+    ):
+        source.decode(("000030007", png(64), "", "00003"))
+    assert source.decode(("000030008", png(512), "", "00003"))["image"].shape == (256, 256, 3)
+    assert source.decode(("000030009", b"not an image", "", "00003")) is None
+    assert source.skips.counts == {"undecodable image": 1}

@@ -7,6 +7,8 @@ Layout under ``<store root>/<clip-id>/``::
     shards/NNNNN.parquet   one file per source shard NNNNN.tar: key, caption, image_emb, text_emb
                            (float16, L2-normalised), text_tokens (int32, the CLIP tokenizer's ids)
     done/NNNNN.json        the shard's completion record, written after its parquet
+    done-index.parquet     the records compacted at the end of each run (name, version, record):
+                           what lets a stage start read 200k records in seconds
 
 A source shard is in the store exactly when its ``done`` record exists: the parquet is written first
 (atomically), the record last, so a shard is absent or complete, never half there, and rewriting an
@@ -18,9 +20,11 @@ tar beside its store file, matched by key (:func:`image_dataset`), with no join 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+INDEX = "done-index.parquet"  # the completion records compacted (see EmbeddingStore.completed)
+READ_THREADS = 32  # completion records read at once when the index lacks them
 EMBEDDING_COLUMNS = ("key", "caption", "image_emb", "text_emb", "text_tokens")
 
 
@@ -161,7 +167,7 @@ class EmbeddingStore:
     def finalize_manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Rewrite the manifest's shard list from the completion records (one write per run)."""
         manifest = self.manifest()
-        shards = self.completed()
+        shards = self.write_index()
         manifest["shards"] = {
             name: {k: rec[k] for k in ("rows", "skipped", "source") if k in rec}
             for name, rec in sorted(shards.items())
@@ -178,12 +184,66 @@ class EmbeddingStore:
         return join(self.url, "shards", f"{name}.parquet")
 
     def completed(self) -> dict[str, dict[str, Any]]:
-        """Completion records of the shards in the store, by source shard name."""
-        records = {}
-        for url in self.storage.list(join(self.url, "done")):
-            if url.endswith(".json"):
-                records[basename(url)[: -len(".json")]] = self.storage.read_json(url)
-        return records
+        """Completion records of the shards in the store, by source shard name.
+
+        One listing of ``done/`` says which shards are complete (the records are the truth);
+        their contents come from the compacted index (``done-index.parquet``, rewritten with
+        the manifest at the end of each run) where a record's version (ETag, or mtime and size)
+        is the one indexed, and otherwise from the record itself, read in parallel. At 200k
+        shards a GET each, one after another, took about an hour; the listing is ~200 pages.
+        """
+        return {name: record for name, (_, record) in self._records().items()}
+
+    def _records(self) -> dict[str, tuple[str | None, dict[str, Any]]]:
+        """Every completion record with its version: ``{name: (version, record)}``."""
+        listing = self.storage.list_details(join(self.url, "done"))
+        index = self._read_index()
+        out: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        unread: list[tuple[str, str, str | None]] = []
+        for url, details in listing.items():
+            if not url.endswith(".json"):
+                continue
+            name, version = basename(url)[: -len(".json")], details.get("version")
+            indexed = index.get(name)
+            if version is not None and indexed is not None and indexed[0] == version:
+                out[name] = indexed
+            else:
+                unread.append((name, url, version))
+        if unread:
+            with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(unread))) as pool:
+                records = pool.map(lambda item: self.storage.read_json(item[1]), unread)
+                for (name, _, version), record in zip(unread, records, strict=True):
+                    out[name] = (version, record)
+        return out
+
+    def _read_index(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The compacted index of the completion records (empty when absent or unreadable: the
+        records themselves are then read)."""
+        url = join(self.url, INDEX)
+        try:
+            with self.storage.open(url) as handle:
+                table = pq.read_table(handle)
+        except Exception:  # absent (a new store), or damaged: the records are the truth
+            return {}
+        names, versions, records = (table.column(c).to_pylist() for c in table.column_names)
+        return {n: (v, json.loads(r)) for n, v, r in zip(names, versions, records, strict=True)}
+
+    def write_index(self) -> dict[str, dict[str, Any]]:
+        """Rewrite the compacted index from the records (one listing, and reads of the records
+        written since the last index); returns the records."""
+        records = self._records()
+        names = sorted(n for n, (version, _) in records.items() if version is not None)
+        table = pa.table(
+            {
+                "name": pa.array(names, pa.string()),
+                "version": pa.array([records[n][0] for n in names], pa.string()),
+                "record": pa.array([json.dumps(records[n][1]) for n in names], pa.string()),
+            }
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self.storage.write_bytes(join(self.url, INDEX), sink.getvalue().to_pybytes())
+        return {name: record for name, (_, record) in records.items()}
 
     def check_source(self, shards_url: str) -> None:
         """Refuse to pair this store with source shards it was not made from, or that changed
@@ -205,12 +265,19 @@ class EmbeddingStore:
 
     def write_shard(self, name: str, table: pa.Table, record: dict[str, Any]) -> None:
         """Publish one source shard: its parquet, then its completion record."""
+        self.write_table(name, table)
+        self.write_record(name, {**record, "rows": table.num_rows})
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write one source shard's store file (atomically; it counts only once its record is
+        written, :meth:`write_record`)."""
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         self.storage.write_bytes(self.shard_file(name), sink.getvalue().to_pybytes())
-        self.storage.write_json(
-            join(self.url, "done", f"{name}.json"), {**record, "rows": table.num_rows}
-        )
+
+    def write_record(self, name: str, record: dict[str, Any]) -> None:
+        """Write a shard's completion record (with its ``rows``), after its store file."""
+        self.storage.write_json(join(self.url, "done", f"{name}.json"), record)
 
     def read_shard(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
         with self.storage.open(self.shard_file(name)) as handle:
@@ -272,13 +339,28 @@ def iter_shard_with_embeddings(
         yield row
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """JPEG/PNG bytes → (size, size, 3) uint8, resized (area) when the side differs."""
+class SourceTooSmall(UserFacingError):
+    """A source image smaller than the resolution a stage trains at."""
+
+
+def decode_image(data: bytes, size: int, where: str = "") -> np.ndarray:
+    """JPEG/PNG bytes → (size, size, 3) uint8, downscaled (area) when larger.
+
+    A source smaller than ``size`` raises :class:`SourceTooSmall` naming ``where`` (the shard and
+    key): upscaled, it would teach an upsampler to produce blur, silently (the 256→1024 RayJob
+    pointed at the 256 px shards did exactly that).
+    """
     from PIL import Image
 
     image = Image.open(io.BytesIO(data)).convert("RGB")
+    if min(image.size) < size:
+        raise SourceTooSmall(
+            f"the source image {where or '(bytes)'} is {image.size[0]}×{image.size[1]} px, "
+            f"smaller than the {size} px this stage trains at: images are never upscaled; point "
+            "the stage's shards at images of at least that size (img2dataset's image_size)"
+        )
     if image.size != (size, size):
-        image = image.resize((size, size), Image.BOX if image.size[0] > size else Image.BICUBIC)
+        image = image.resize((size, size), Image.BOX)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -303,7 +385,10 @@ def image_dataset(
         skips = Skips()
         for row in iter_shard_with_embeddings(storage, shards_url, store, item["name"], columns):
             try:
-                image = decode_image(row.pop("image_bytes"), image_size)
+                where = f"{row['key']} of shard {item['name']}"
+                image = decode_image(row.pop("image_bytes"), image_size, where)
+            except SourceTooSmall:
+                raise
             except Exception:
                 skips.add(row["key"], "undecodable image", item["name"])
                 continue

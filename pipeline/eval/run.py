@@ -175,7 +175,8 @@ def read_real_images(
         for sample in iter_shard_with_embeddings(storage, shards_url, store, shard, columns=()):
             pos = keys.get(sample["key"])
             if pos is not None:
-                images[pos] = decode_image(sample["image_bytes"], size)
+                where = f"{sample['key']} of shard {shard}"
+                images[pos] = decode_image(sample["image_bytes"], size, where)
     missing = sum(image is None for image in images)
     if missing:
         log.warning(

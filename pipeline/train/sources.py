@@ -120,15 +120,15 @@ class StoreImages(Source):
             if slot is None or slot not in left:
                 continue
             left.discard(slot)
-            yield slot, (sample.key, sample.image, {c: values[c][slot] for c in self.columns})
+            yield slot, (sample.key, sample.image, {c: values[c][slot] for c in self.columns}, name)
             if not left:
                 return
         for slot in sorted(left):  # in the store but not in the tar: empty slots
             yield slot, None
 
     def decode(self, raw: Raw) -> dict[str, Any] | None:
-        key, data, values = raw
-        image = _image(key, data, self.image_size, self.skips)
+        key, data, values, name = raw
+        image = _image(key, data, self.image_size, self.skips, name)
         return None if image is None else {"key": key, "image": image, **values}
 
 
@@ -148,26 +148,29 @@ class TarImages(Source):
         for sample in read_samples(self._storage(), tar, self.skips, need_caption=self.captions):
             if sample.index in left:
                 left.discard(sample.index)
-                yield sample.index, (sample.key, sample.image, sample.caption)
+                yield sample.index, (sample.key, sample.image, sample.caption, name)
                 if not left:
                     return
         for slot in sorted(left):  # bad samples, or fewer than the stats file counted
             yield slot, None
 
     def decode(self, raw: Raw) -> dict[str, Any] | None:
-        key, data, caption = raw
-        image = _image(key, data, self.image_size, self.skips)
+        key, data, caption, name = raw
+        image = _image(key, data, self.image_size, self.skips, name)
         if image is None:
             return None
         return {"key": key, "image": image, **({"caption": caption} if self.captions else {})}
 
 
-def _image(key: str, data: bytes, size: int, skips: Skips) -> np.ndarray | None:
-    """The decoded image, or None (skipped and counted) when its bytes do not decode."""
-    from pipeline.embed.store import decode_image
+def _image(key: str, data: bytes, size: int, skips: Skips, shard: str) -> np.ndarray | None:
+    """The decoded image, or None (skipped and counted) when its bytes do not decode. A source
+    smaller than ``size`` fails the run, naming it (:class:`SourceTooSmall`)."""
+    from pipeline.embed.store import SourceTooSmall, decode_image
 
     try:
-        return decode_image(data, size)
+        return decode_image(data, size, f"{key} of shard {shard}")
+    except SourceTooSmall:
+        raise
     except Exception:
         skips.add(key, "undecodable image", key)
         return None
