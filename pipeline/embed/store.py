@@ -284,7 +284,8 @@ class EmbeddingStore:
             return pq.read_table(handle, columns=list(columns) if columns else None)
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
-        """Every completed shard in one table (for small stores and fitting, e.g. PCA)."""
+        """Every completed shard in one table (small stores and tests only: its memory grows with
+        the store; samples come from :mod:`pipeline.embed.sampling`)."""
         names = sorted(self.completed())
         if not names:
             raise UserFacingError(f"the embedding store at {self.url} has no completed shards")

@@ -26,7 +26,8 @@ from torch import nn
 
 from pipeline import pictures
 from pipeline.data.shards import completed_shards, shard_urls
-from pipeline.embed.store import EmbeddingStore, column_array
+from pipeline.embed.sampling import sample_arrays
+from pipeline.embed.store import EmbeddingStore
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import (
     DecoderConfig,
@@ -104,17 +105,20 @@ def store_info(store: EmbeddingStore) -> dict[str, Any]:
 
 
 PRIOR_COLUMNS = ("text_emb", "text_tokens", "image_emb")
+FIT_ROWS = 100_000  # the autoregressive prior's PCA and buckets are fitted on this many rows
 
 
 def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
+    """The prior's data (the store's files as pieces) and ``info``; for the autoregressive prior,
+    ``info`` also holds ``fit_image_emb`` and ``fit_text_emb`` (float32, at most ``FIT_ROWS``
+    rows), a seeded sample of the store for its PCA quantizer, drawn by
+    :func:`pipeline.embed.sampling.sample_arrays` from a bounded number of store files, so the
+    driver's memory does not grow with the store."""
     store = _store(cfg, storage)
     info = store_info(store)
     if cfg.model.kind == "autoregressive":  # the PCA and buckets are fitted on the store
-        table = store.read_all(["image_emb", "text_emb"])
-        rng = np.random.default_rng(cfg.train.seed)
-        keep = np.sort(rng.permutation(table.num_rows)[:100_000])
-        info["fit_image_emb"] = column_array(table, "image_emb")[keep].astype(np.float32)
-        info["fit_text_emb"] = column_array(table, "text_emb")[keep].astype(np.float32)
+        fit = sample_arrays(store, ["image_emb", "text_emb"], FIT_ROWS, cfg.train.seed)
+        info["fit_image_emb"], info["fit_text_emb"] = fit["image_emb"], fit["text_emb"]
     source = StoreRows(
         store_pieces(store), cfg.storage, cfg.train.seed, store=store.url, columns=PRIOR_COLUMNS
     )
