@@ -1,7 +1,12 @@
 """img2dataset ingestion against a local HTTP server with good, missing, corrupt, slow and flaky URLs,
 on local disk and on the S3 endpoint: good images land, bad ones are counted with their error, a rerun
 is incremental, and --retry-failed lands a once-failed URL exactly once. With the Ray distributor,
-the tasks get the config's storage settings, which the workers' environment does not hold."""
+the tasks get the config's storage settings, which the workers' environment does not hold.
+
+The summary and the retry candidates come from a spilling hash aggregation (pipeline/data/status.py):
+on synthetic status parquets with retries, duplicates and transient and permanent errors, it gives
+what the plain in-memory count gives, in one bucket and in many (with spills and splits), and a
+damaged status parquet is an error naming it."""
 
 from __future__ import annotations
 
@@ -25,11 +30,11 @@ from helpers import free_port
 from PIL import Image
 
 from jobs import ingest as ingest_job
-from pipeline.data import ingest
+from pipeline.data import ingest, status
 from pipeline.data.shards import completed_shards, iter_tar_samples, read_parquet_rows, shard_urls
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import IngestConfig
-from pipeline.storage import Secret, Storage, StorageOptions
+from pipeline.storage import Secret, Storage, StorageError, StorageOptions
 
 GOOD, MISSING, CORRUPT = 12, 3, 3
 
@@ -360,3 +365,234 @@ def test_missing_url_list_is_a_clear_error(tmp_path, capsys) -> None:
     code = ingest_job.main([f"root={tmp_path}", "input=nowhere/urls.csv"])
     assert code == 1
     assert f"URL list {tmp_path}/nowhere/urls.csv does not exist" in capsys.readouterr().err
+
+
+# -- the summary and the retry candidates at any size (pipeline/data/status.py) -------------------
+
+
+def _simple_count(storage: Storage, folder: str) -> tuple[dict, list[tuple]]:
+    """The summary and the retry candidates the plain way (every row in Python, as the ingest
+    counted before its aggregation streamed): the oracle for the streaming one."""
+    shard_ids = completed_shards(storage, folder)
+    rows = read_parquet_rows(storage, folder, shard_ids)
+    data = rows.select(["url", "caption", "status", "error_message"]).to_pylist()
+
+    def sample(row):
+        return row["url"], row.get("caption") or ""
+
+    succeeded = {sample(r) for r in data if r["status"] == "success"}
+    failures, latest = {}, {}
+    for row in data:
+        if sample(row) not in succeeded:
+            failures[sample(row)] = row["error_message"] or row["status"]
+            latest[sample(row)] = row
+    errors = Counter(failures.values())
+    summary = {
+        "output": folder,
+        "shards": len(shard_ids),
+        "tried": len(succeeded) + len(failures),
+        "written": sum(1 for r in data if r["status"] == "success"),
+        "failed": len(failures),
+        "failed_transient": sum(1 for e in failures.values() if ingest.is_transient(e)),
+        "top_errors": [{"error": e, "count": n} for e, n in errors.most_common(10)],
+        "seconds": None,
+    }
+    retry = [
+        (r["url"], r["caption"]) for r in latest.values() if ingest.is_transient(r["error_message"])
+    ]
+    return summary, retry
+
+
+def _write_status(storage: Storage, folder: str, shard_id: int, columns: dict) -> None:
+    """One hand-made shard's status parquet and stats file."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    urls = shard_urls(folder, shard_id)
+    storage.write_bytes(urls["parquet"], sink.getvalue().to_pybytes())
+    storage.write_json(urls["stats"], {"count": len(next(iter(columns.values())))})
+
+
+def _status_dataset(storage: Storage, folder: str) -> None:
+    """12 synthetic shards (a third of the rows retry earlier samples) and three hand-made retry
+    shards: one written without a caption column, a URL that is null, failures with no message
+    or an empty one (their status is their error, among the top ten), a sample that fails then succeeds with its
+    caption null the first time and empty the next, and duplicates within a shard."""
+    status.write_synthetic_status(storage, folder, 12, 150, seed=3, retries=0.3)
+    failed = "failed_to_download"
+    _write_status(
+        storage,
+        folder,
+        12,
+        {
+            "url": ["https://x/a.jpg", "https://x/b.jpg", None, "https://x/d.jpg", "f", "g"],
+            "status": [failed, "success", failed, failed, failed, failed],
+            "error_message": [
+                "HTTP Error 503: busy",
+                None,
+                "<urlopen error timed out>",
+                "timeout",
+                None,
+                None,
+            ],
+        },
+    )
+    _write_status(
+        storage,
+        folder,
+        13,
+        {
+            "url": [
+                "https://x/a.jpg",
+                "https://x/c.jpg",
+                "https://x/c.jpg",
+                None,
+                "https://x/e.jpg",
+            ],
+            "caption": ["", "", None, None, "e"],
+            "status": ["success", failed, failed, failed, failed],
+            "error_message": [None, None, "", "HTTP Error 404: Not Found", "HTTP Error 502: x"],
+        },
+    )
+    _write_status(
+        storage,
+        folder,
+        14,
+        {
+            "url": ["https://x/e.jpg", "https://x/e.jpg", "https://x/d.jpg"],
+            "caption": ["e", "e", None],
+            "status": [failed, failed, failed],
+            "error_message": ["HTTP Error 502: x", "HTTP Error 502: x", "Connection reset by peer"],
+        },
+    )
+
+
+def test_streamed_summary_and_retries_equal_the_plain_count(storage_root: Root, tmp_path) -> None:
+    """In one bucket in memory, in 8 buckets spilled to disk, and in hundreds of buckets of a few
+    rows (most of them split again): the same summary and the same candidates, in the same order,
+    as every row counted in Python."""
+    storage = storage_root.storage
+    folder = f"{storage_root.url}/shards"
+    _status_dataset(storage, folder)
+    expected, expected_retry = _simple_count(storage, folder)
+    # the data has what the aggregation must get right
+    assert expected["shards"] == 15
+    # a sample written twice (a duplicate in the URL list) counts twice as written, once as tried
+    assert expected["written"] > expected["tried"] - expected["failed"]
+    assert 0 < expected["failed_transient"] < expected["failed"] < expected["tried"]
+    assert expected["top_errors"][-1]["count"] == 1  # ties, broken by the first try
+    assert {"error": "failed_to_download", "count": 3} in expected["top_errors"]
+    assert ("https://x/e.jpg", "e") in expected_retry  # failed transiently three times
+    assert ("https://x/a.jpg", None) not in expected_retry  # succeeded on its second try
+    assert ("https://x/d.jpg", None) in expected_retry  # a 503, then a reset, no caption column
+    rows = read_parquet_rows(storage, folder, list(range(15)))
+    samples = {
+        (u, c or "")
+        for u, c in zip(rows["url"].to_pylist(), rows["caption"].to_pylist(), strict=True)
+    }
+    assert rows.num_rows > len(samples) == expected["tried"]  # tries of the same samples
+
+    ids = completed_shards(storage, folder)
+    # (bucket_rows, at least so many buckets aggregated, spilled): with 9, more than the 256
+    # buckets: some were split again
+    sizes = [(10**6, 1, False), (300, 8, True), (9, 257, True)]
+    if storage_root.kind == "s3":  # the reads through S3; the sizes are the same on local disk
+        sizes = sizes[1:2]
+    for bucket_rows, buckets, spilled in sizes:
+        path = str(tmp_path / f"retry-{bucket_rows}.parquet")
+        spill = tmp_path / f"spill-{bucket_rows}"
+        spill.mkdir()
+        counts = status.scan_status(
+            storage,
+            folder,
+            ids,
+            candidates=path,
+            candidate_columns=("URL", "TEXT"),
+            bucket_rows=bucket_rows,
+            spill_dir=str(spill),
+        )
+        found = {name: getattr(counts, name) for name in ("tried", "written", "failed")}
+        found.update(failed_transient=counts.failed_transient, top_errors=counts.top_errors)
+        assert found == {k: v for k, v in expected.items() if k in found}, bucket_rows
+        retry = pq.read_table(path)
+        assert retry.column_names == ["URL", "TEXT"]
+        found = zip(retry["URL"].to_pylist(), retry["TEXT"].to_pylist(), strict=True)
+        assert list(found) == expected_retry, bucket_rows
+        assert counts.candidates == len(expected_retry)
+        assert counts.buckets >= buckets and counts.spilled == spilled, bucket_rows
+        assert not list(spill.iterdir())  # the spill folder is gone
+
+    # what the command runs: the summary saved, the URL list for img2dataset
+    assert ingest.summarize(storage, folder, bucket_rows=300) == expected
+    assert storage.read_json(f"{folder}/_summary/ingest.json") == expected
+    path = str(tmp_path / "retry.parquet")
+    assert ingest.retry_candidates(storage, folder, path, bucket_rows=300) == len(expected_retry)
+    retry = pq.read_table(path)
+    assert retry.column_names == ["url", "caption"]
+    assert list(zip(*retry.to_pydict().values(), strict=True)) == expected_retry
+
+
+def test_a_damaged_status_parquet_is_named(tmp_path) -> None:
+    storage = Storage()
+    folder = str(tmp_path / "shards")
+    status.write_synthetic_status(storage, folder, 4, 20)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    urls = shard_urls(folder, 2)
+
+    with open(urls["parquet"], "r+b") as handle:  # cut short: no footer
+        data = handle.read()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(data[: len(data) // 2])
+    with pytest.raises(UserFacingError, match=r"00002\.parquet: not a readable status parquet"):
+        status.scan_status(storage, folder, [0, 1, 2, 3], bucket_rows=10, spill_dir=str(spill))
+    assert not list(spill.iterdir())
+    with pytest.raises(UserFacingError, match=r"remove its 00002_stats\.json to leave it out"):
+        ingest.summarize(storage, folder)
+
+    _write_status(storage, folder, 2, {"link": ["https://x/a.jpg"], "status": ["success"]})
+    with pytest.raises(UserFacingError, match=r"00002\.parquet: not an img2dataset status .*url"):
+        ingest.summarize(storage, folder)
+
+    storage.remove(urls["parquet"])  # its stats file still says it is complete
+    with pytest.raises(StorageError, match=r"00002\.parquet: no such file"):
+        ingest.summarize(storage, folder)
+    storage.remove(urls["stats"])
+    assert ingest.summarize(storage, folder)["shards"] == 3
+
+
+def test_synthetic_status_parquets(tmp_path) -> None:
+    """Complete shards with img2dataset's status columns and keys, retries of earlier samples and
+    every kind of error; written in two calls (``first_shard``) they are the same as in one."""
+    storage = Storage()
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert status.write_synthetic_status(storage, whole, 5, 40, seed=1) == 200
+    status.write_synthetic_status(storage, parts, 2, 40, seed=1)
+    status.write_synthetic_status(storage, parts, 3, 40, first_shard=2, seed=1)
+    assert completed_shards(storage, whole) == completed_shards(storage, parts) == [0, 1, 2, 3, 4]
+    rows = read_parquet_rows(storage, whole, [0, 1, 2, 3, 4])
+    assert read_parquet_rows(storage, parts, [0, 1, 2, 3, 4]).equals(rows)
+    assert rows["key"].to_pylist()[40:42] == ["0000100", "0000101"]
+    summary, retry = _simple_count(storage, whole)
+    assert summary["tried"] < 200 and summary["written"] > 100 and retry
+    assert 0 < summary["failed_transient"] < summary["failed"] < summary["tried"]
+    errors = {e["error"] for e in summary["top_errors"]}
+    assert set(status.SYNTHETIC_ERRORS[:4]) <= errors
+    assert any(e.startswith(status.SYNTHETIC_ERRORS[4]) for e in errors)
+
+
+def test_string_hash_is_stable_and_spreads_over_every_bit() -> None:
+    urls = [f"https://img{i % 7}.example.com/{i}.jpg" for i in range(20000)]
+    whole = status.hash_strings(pa.array(urls))
+    # the same whatever the chunks, slices and string type
+    chunked = pa.chunked_array([pa.array(urls[:5]), pa.array(urls[5:])], pa.string())
+    assert (status.hash_strings(chunked) == whole).all()
+    assert (
+        status.hash_strings(pa.array(urls, pa.large_string()).slice(3), chunk=100) == whole[3:]
+    ).all()
+    assert len(set(whole.tolist())) == len(urls)
+    with_nulls = status.hash_strings(pa.array(["", None, "a", None]))
+    assert with_nulls[1] == with_nulls[3] and len(set(with_nulls.tolist())) == 3
+    for shift in (0, 8, 29, 60):  # 16 buckets from any 4 bits: each within 15% of the mean
+        buckets = np.bincount(((whole >> np.uint64(shift)) & np.uint64(15)).astype(np.int64))
+        assert buckets.min() > 0.85 * len(urls) / 16 and buckets.max() < 1.15 * len(urls) / 16

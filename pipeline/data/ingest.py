@@ -9,7 +9,10 @@ shard's keys start from its own shard id, no key is ever written twice.
 
 Both end with :func:`summarize`: samples tried, written, failed, and the most frequent errors, printed
 and saved as ``<output>/_summary/ingest.json`` (a subfolder: img2dataset reads every top-level
-``*.json`` as a shard's stats).
+``*.json`` as a shard's stats). The summary and the retry's URL list come from
+:mod:`pipeline.data.status`, a hash aggregation of the shards' status parquets that spills to a
+temporary folder, so that a LAION-size ingest (hundreds of millions of rows) is summed up in memory
+that does not grow with the number of URLs; :func:`is_transient` (the transient errors) lives there.
 
 img2dataset reaches storage through plain fsspec, which reads only the standard AWS environment
 variables: the storage settings of the config (endpoint, region, profile, keys) are set as those
@@ -25,17 +28,14 @@ import functools
 import importlib
 import logging
 import os
-import re
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline.data.shards import completed_shards, read_parquet_rows
+from pipeline.data.shards import completed_shards
+from pipeline.data.status import BUCKET_ROWS, scan_status
+from pipeline.data.status import is_transient as is_transient  # ingest's public name too
 from pipeline.errors import UserFacingError
 from pipeline.stage_config import IngestConfig
 from pipeline.storage import Storage, StorageOptions, basename, join, patched_environ
@@ -43,19 +43,6 @@ from pipeline.storage import Storage, StorageOptions, basename, join, patched_en
 log = logging.getLogger(__name__)
 
 _FORMATS = ("tsv.gz", "csv", "tsv", "parquet", "txt", "jsonl", "json")
-
-# Errors worth another try later: the server or the network, not the image.
-_TRANSIENT = re.compile(
-    r"timed out|timeout|HTTP Error 5\d\d|HTTP Error 429|Connection (refused|reset|aborted)|"
-    r"Remote end closed|Temporary failure in name resolution|IncompleteRead|EOF occurred|"
-    r"Network is unreachable|Errno 10[14]|Errno 11[013]",
-    re.IGNORECASE,
-)
-
-
-def is_transient(error_message: str | None) -> bool:
-    """Whether a download error may succeed on a later try (5xx, 429, timeouts, connections)."""
-    return bool(error_message) and bool(_TRANSIENT.search(error_message))
 
 
 def detect_format(storage: Storage, url: str) -> str:
@@ -182,24 +169,29 @@ def ingest(cfg: IngestConfig, storage: Storage | None = None) -> dict[str, Any]:
     return summary
 
 
-def retry_candidates(storage: Storage, folder: str) -> pa.Table:
-    """The samples whose latest try failed transiently and that never succeeded: url and caption."""
-    rows = read_parquet_rows(storage, folder, completed_shards(storage, folder))
-    if rows.num_rows == 0:
-        return pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
-    data = rows.select(["url", "caption", "status", "error_message"]).to_pylist()
-    succeeded = {_sample(r) for r in data if r["status"] == "success"}
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in data:  # shards are read in order, so a later try replaces an earlier one
-        if _sample(row) not in succeeded:
-            latest[_sample(row)] = row
-    retry = [r for r in latest.values() if is_transient(r["error_message"])]
-    return pa.table(
-        {
-            "url": pa.array([r["url"] for r in retry], pa.string()),
-            "caption": pa.array([r["caption"] for r in retry], pa.string()),
-        }
+def retry_candidates(
+    storage: Storage,
+    folder: str,
+    path: str,
+    *,
+    columns: tuple[str, str] = ("url", "caption"),
+    bucket_rows: int = BUCKET_ROWS,
+) -> int:
+    """Write the samples whose latest try failed transiently and that never succeeded to the
+    local parquet file ``path`` (url and caption, named ``columns``, in the order of their first
+    try) as they are found, in memory that does not grow with their number or the shards'
+    (:func:`~pipeline.data.status.scan_status`); returns how many there are. This file is the
+    URL list ``--retry-failed`` hands to img2dataset."""
+    shard_ids = completed_shards(storage, folder)
+    counts = scan_status(
+        storage,
+        folder,
+        shard_ids,
+        candidates=path,
+        candidate_columns=columns,
+        bucket_rows=bucket_rows,
     )
+    return counts.candidates
 
 
 def retry_failed(cfg: IngestConfig, storage: Storage | None = None) -> dict[str, Any]:
@@ -208,53 +200,47 @@ def retry_failed(cfg: IngestConfig, storage: Storage | None = None) -> dict[str,
     folder = cfg.url(cfg.output)
     if not completed_shards(storage, folder):
         raise UserFacingError(f"no shards at {folder} to retry: run `unclip ingest` first")
-    candidates = retry_candidates(storage, folder)
-    log.info("retry: %d samples failed with a transient error", candidates.num_rows)
-    started = time.time()
-    if candidates.num_rows:
-        with tempfile.TemporaryDirectory(prefix="unclip-retry-") as tmp:
-            url_list = os.path.join(tmp, "retry.parquet")
-            pq.write_table(
-                candidates.rename_columns([cfg.url_col, cfg.caption_col or "caption"]), url_list
-            )
+    with tempfile.TemporaryDirectory(prefix="unclip-retry-") as tmp:
+        # img2dataset's URL list: the config's column names (the caption column is read only
+        # when caption_col is set)
+        url_list = os.path.join(tmp, "retry.parquet")
+        columns = (cfg.url_col, cfg.caption_col or "caption")
+        retried = retry_candidates(storage, folder, url_list, columns=columns)
+        log.info("retry: %d samples failed with a transient error", retried)
+        started = time.time()
+        if retried:
             _download(cfg, storage, url_list, "parquet", "extend")
-    summary = {
-        **summarize(storage, folder, seconds=time.time() - started),
-        "retried": candidates.num_rows,
-    }
+    summary = {**summarize(storage, folder, seconds=time.time() - started), "retried": retried}
     storage.write_json(join(folder, "_summary", "ingest.json"), summary)
     return summary
 
 
-def _sample(row: dict[str, Any]) -> tuple[str, str]:
-    """What identifies a sample across tries: its URL and caption."""
-    return row["url"], row.get("caption") or ""
-
-
-def summarize(storage: Storage, folder: str, *, seconds: float | None = None) -> dict[str, Any]:
-    """Counts over every complete shard of ``folder``.
+def summarize(
+    storage: Storage,
+    folder: str,
+    *,
+    seconds: float | None = None,
+    bucket_rows: int = BUCKET_ROWS,
+) -> dict[str, Any]:
+    """Counts over every complete shard of ``folder``, saved as ``_summary/ingest.json``.
 
     A sample is its URL and caption; one retried successfully counts once as written and no
-    longer as failed.
+    longer as failed. ``tried`` counts distinct samples, ``written`` the rows written, ``failed``
+    the samples that never succeeded (``failed_transient``: their latest error is transient) and
+    ``top_errors`` their ten most frequent latest errors. The status parquets are aggregated in
+    memory bounded by ``bucket_rows`` rows, whatever their size
+    (:func:`~pipeline.data.status.scan_status`).
     """
     shard_ids = completed_shards(storage, folder)
-    rows = read_parquet_rows(storage, folder, shard_ids)
-    columns = ["url", "caption", "status", "error_message"]
-    data = rows.select(columns).to_pylist() if rows.num_rows else []
-    succeeded = {_sample(r) for r in data if r["status"] == "success"}
-    failures: dict[tuple[str, str], str] = {}
-    for row in data:
-        if _sample(row) not in succeeded and row["status"] != "success":
-            failures[_sample(row)] = row["error_message"] or row["status"]
-    errors = Counter(failures.values())
+    counts = scan_status(storage, folder, shard_ids, bucket_rows=bucket_rows)
     summary = {
         "output": folder,
         "shards": len(shard_ids),
-        "tried": len(succeeded) + len(failures),
-        "written": sum(1 for r in data if r["status"] == "success"),
-        "failed": len(failures),
-        "failed_transient": sum(1 for e in failures.values() if is_transient(e)),
-        "top_errors": [{"error": e, "count": n} for e, n in errors.most_common(10)],
+        "tried": counts.tried,
+        "written": counts.written,
+        "failed": counts.failed,
+        "failed_transient": counts.failed_transient,
+        "top_errors": counts.top_errors,
         "seconds": round(seconds, 2) if seconds is not None else None,
     }
     storage.write_json(join(folder, "_summary", "ingest.json"), summary)
