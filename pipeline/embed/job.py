@@ -2,25 +2,24 @@
 
 The driver coordinates; the rows never pass through it::
 
-    driver: plan the source shards the store lacks, start the encoder actors, keep
-            concurrency × readers_per_encoder shard tasks running, each given the least busy
-            encoder
-    shard task (CPU, one per source shard, :mod:`pipeline.embed.shard_task`): stream the tar,
-            decode, resize+crop, tokenize ──batches──▶ its encoder actor (GPU when present,
-            :mod:`pipeline.embed.encoder`) ──unit embeddings──▶ the task writes the shard's
+    driver: plan the source shards the store lacks, start the encoder actors and
+            readers_per_encoder reader actors per encoder, hand each idle reader a shard
+    reader (CPU, :mod:`pipeline.embed.shard_task`), per shard: stream the tar, decode,
+            resize+crop, tokenize ──batches──▶ its encoder actor (GPU when present,
+            :mod:`pipeline.embed.encoder`) ──unit embeddings──▶ the reader writes the shard's
             store file and returns its counts
     driver: the shard's completion record (rows, skipped by reason with keys, the source tar's
             size and version), then, once all are back, the manifest
 
 So the driver's memory and traffic grow with the number of shards (a few numbers each), not with
 the rows; the store files are written on the nodes that hold the rows. A shard is in the store
-exactly when its record exists: its file is written first, the record only after the task came
+exactly when its record exists: its file is written first, the record only after the reader came
 back whole (:mod:`pipeline.embed.store`).
 
 Faults: storage errors are retried (:mod:`pipeline.retries`); a shard that still cannot be read
 or written gets no record, the other shards go on, and the run ends with an error naming it, so a
-rerun does exactly the missing shards. A task whose node is lost is run again by Ray (it rewrites
-the same file); an encoder actor is restarted and its calls retried. When nothing is encoded for
+rerun does exactly the missing shards. A reader or encoder whose node is lost is restarted by Ray
+and its call retried (a shard written again replaces the same file). When nothing is encoded for
 ``stall_timeout_s`` (a lost node not replaced, encoders that cannot start), the run fails saying
 what is kept. A rerun skips the source shards the store already has and never writes a key twice;
 it encodes again a source tar whose size or ETag changed since. A store made by another CLIP, or
@@ -42,7 +41,7 @@ from pipeline.cluster.watchdog import PipelineStalled
 from pipeline.data.shards import completed_shards, shard_urls
 from pipeline.embed import clip_model
 from pipeline.embed.encoder import STATUS_GROUP, ClipEncoder, describe_clip
-from pipeline.embed.shard_task import ShardSpec, encode_shard
+from pipeline.embed.shard_task import ShardReader, ShardSpec
 from pipeline.embed.store import EmbeddingStore, changed_sources, source_name
 from pipeline.errors import UserFacingError
 from pipeline.progress import Progress
@@ -119,7 +118,14 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
         )
         encoders = start_encoders(cfg, checkpoint, storage, mean, std)
         try:
-            run.drive(todo, spec, encoders, cfg.readers_per_encoder, cfg.stall_timeout_s)
+            run.drive(
+                todo,
+                spec,
+                encoders,
+                cfg.readers_per_encoder,
+                cfg.cpus_per_actor,
+                cfg.stall_timeout_s,
+            )
         finally:
             for encoder in encoders:
                 ray.kill(encoder)
@@ -173,6 +179,16 @@ def start_encoders(
     ]
 
 
+def readers_count(per_encoder: int, encoders: int, cpus_per_encoder: float) -> int:
+    """How many readers to start: ``per_encoder`` for each encoder, but no more than the CPUs
+    the encoders leave (at least one: the preflight keeps a CPU for reading). A reader that can
+    never be placed would hold the shard it was handed for ever."""
+    import ray
+
+    spare = ray.cluster_resources().get("CPU", 0) - encoders * cpus_per_encoder
+    return max(1, min(per_encoder * encoders, int(spare + 1e-6)))
+
+
 class ShardRun:
     """The driver's side of a run: shard tasks handed out and taken back, completion records
     written, progress shown, stalls detected. Holds a few numbers per shard, never rows."""
@@ -203,32 +219,35 @@ class ShardRun:
         spec: ShardSpec,
         encoders: list[Any],
         readers_per_encoder: int,
+        cpus_per_encoder: float,
         stall_timeout_s: float | None,
     ) -> None:
-        """Run a shard task per tar, ``readers_per_encoder`` per encoder at a time, and record
-        each as it comes back. Raises :class:`PipelineStalled` when no row is encoded and no
+        """Encode every tar with ``readers_per_encoder`` reader actors per encoder, a shard at a
+        time each, and record each shard as it comes back. Raises :class:`PipelineStalled` when no row is encoded and no
         shard finishes for ``stall_timeout_s``."""
         import ray
 
-        task = ray.remote(encode_shard).options(num_cpus=1, max_retries=3)
-        spec_ref = ray.put(spec)  # one copy in the object store, not one per task
+        reader = ray.remote(ShardReader).options(num_cpus=1, max_restarts=-1, max_task_retries=-1)
+        spec_ref = ray.put(spec)  # one copy in the object store, not one per reader
+        idle = [
+            reader.remote(spec_ref, encoders[r % len(encoders)])
+            for r in range(readers_count(readers_per_encoder, len(encoders), cpus_per_encoder))
+        ]
+        readers = list(idle)
         queue = deque(tars)
-        running: dict[Any, tuple[str, int]] = {}
-        busy = [0] * len(encoders)
+        running: dict[Any, tuple[str, Any]] = {}
         counts = Counts(encoders)
         last_progress = time.time()
         poll = min(self.POLL_S, stall_timeout_s or self.POLL_S)
         try:
             while queue or running:
-                while queue and len(running) < readers_per_encoder * len(encoders):
-                    i = min(range(len(busy)), key=busy.__getitem__)
-                    tar = queue.popleft()
-                    running[task.remote(spec_ref, tar, encoders[i])] = (tar, i)
-                    busy[i] += 1
+                while queue and idle:
+                    tar, free = queue.popleft(), idle.pop()
+                    running[free.encode.remote(tar)] = (tar, free)
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=poll)
                 for ref in ready:
-                    tar, i = running.pop(ref)
-                    busy[i] -= 1
+                    tar, free = running.pop(ref)
+                    idle.append(free)
                     self.finish(tar, ref)
                     last_progress = time.time()
                 if counts.moved():
@@ -238,8 +257,8 @@ class ShardRun:
                 if stall_timeout_s is not None and stalled_for > stall_timeout_s:
                     raise PipelineStalled(self.stalled(stalled_for))
         finally:
-            for ref in running:
-                ray.cancel(ref)
+            for actor in readers:
+                ray.kill(actor)
 
     def stalled(self, seconds: float) -> str:
         return (
@@ -247,18 +266,18 @@ class ShardRun:
             f"stall_timeout_s). {len(self.store.completed())} of {self.shards} shards "
             f"are complete and kept in {self.store.url}; rerun the job to encode the rest. After "
             "a lost node, the encoder actors (concurrency × cpus_per_actor, gpus_per_actor) may "
-            "not fit on the nodes left, or leave no CPU for the shard tasks."
+            "not fit on the nodes left, or leave no CPU for the readers."
         )
 
     def finish(self, tar: str, ref: Any) -> None:
-        """Take a shard task's result: write its completion record, or note why it failed."""
+        """Take a reader's result: write the shard's completion record, or note why it failed."""
         import ray
 
         name = source_name(tar)
         self.done += 1
         try:
             result = ray.get(ref)
-        except Exception as exc:  # the task raised (the encoder failed), or Ray gave up on it
+        except Exception as exc:  # the reader raised (the encoder failed), or Ray gave up on it
             log.error("embed: shard %s failed: %s", name, exc)
             self.failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
             return

@@ -1,23 +1,27 @@
-"""One source shard through the embedding job, in a Ray task: read, encode, write its store file.
+"""One source shard through the embedding job, in a reader actor: read, encode, write its store file.
 
 ::
 
-    source tar ──stream, decode, resize+crop, tokenize (this task, CPU)──▶ batches of batch_size
-        ──an encoder actor (GPU when present, :mod:`pipeline.embed.encoder`)──▶ unit embeddings
-        ──this task: the shard's rows sorted by key──▶ shards/NNNNN.parquet (atomic)
+    source tar ──stream, decode, resize+crop, tokenize (a reader, CPU)──▶ batches of batch_size
+        ──its encoder actor (GPU when present, :mod:`pipeline.embed.encoder`)──▶ unit embeddings
+        ──the reader: the shard's rows sorted by key──▶ shards/NNNNN.parquet (atomic)
         ──returns its counts (rows, skipped by reason with keys) to the driver, which writes
           the completion record
 
-The shard's rows meet in the task that read them, so a shard is whole without any gathering, and
+Readers are actors, not tasks, so a process that imported torch and open_clip serves shard after
+shard (as tasks, each shard landed in a fresh worker that paid ~10 s of imports: 4 tiny shards
+took 50 s).
+
+The shard's rows meet in the reader that read them, so a shard is whole without any gathering, and
 the driver sees only counts: the encoded rows never travel through one process. While the encoder
-works on one batch the task decodes the next (``ahead`` batches sent and not yet back).
+works on one batch the reader decodes the next (``ahead`` batches sent and not yet back).
 
 Bad samples (undecodable image, missing or empty caption, a member cut off by a truncated tar, a
 file that is not a tar, NaN/inf/zero embeddings) are skipped and counted with their keys
 (:mod:`pipeline.data.reader`). A tar that cannot be read, or a store file that cannot be written,
 after the storage retries is returned as ``failed`` with the reason: the driver writes no record
-for it, and a rerun encodes it again. Writing the same shard twice (a task retried after its node
-was lost) replaces the file whole with the same rows.
+for it, and a rerun encodes it again. Writing the same shard twice (a call retried on a reader
+restarted after its node was lost) replaces the file whole with the same rows.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShardSpec:
-    """What a shard task needs besides its tar and its encoder (picklable, shared by all)."""
+    """What a reader needs besides its tar and its encoder (picklable, shared by all)."""
 
     storage: Storage
     store_url: str
@@ -157,3 +161,16 @@ def encode_shard(spec: ShardSpec, tar_url: str, encoder: Any) -> dict[str, Any]:
         log.error("embed: shard %s could not be written: %s", name, exc)
         return {"name": name, "failed": f"writing it failed: {exc}"}
     return {"name": name, "rows": table.num_rows, **skips.to_json()}
+
+
+class ShardReader:
+    """The reader actor: encodes the shards the driver hands it, one at a time, with one encoder
+    (one CPU; restarted, and its call retried, when its node is lost)."""
+
+    def __init__(self, spec: ShardSpec, encoder: Any) -> None:
+        self.spec = spec
+        self.encoder = encoder
+
+    def encode(self, tar_url: str) -> dict[str, Any]:
+        """:func:`encode_shard` of ``tar_url``."""
+        return encode_shard(self.spec, tar_url, self.encoder)
