@@ -424,6 +424,31 @@ def test_sampling_is_deterministic_for_a_generator() -> None:
         assert not torch.allclose(a, c)
 
 
+def test_per_row_generators_sample_each_row_as_alone() -> None:
+    """One generator per row group (``randn_rows``): every row group's x_T and step noise is what
+    its generator draws for that group sampled on its own, so a batch of groups samples as the
+    groups one by one (the analytic model is row-wise: exactly)."""
+    diffusion = process()
+    fn = analytic_model(diffusion)
+
+    def gens(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.7)):
+        kw = {"sampler": sampler, "eta": eta, "steps": 10}
+        # 3 groups of 2 adjacent rows (e.g. a prior's 2 candidates per caption)
+        batch = diffusion.sample(fn, (6, 5), generator=gens(3, 4, 5), **kw)
+        alone = [diffusion.sample(fn, (2, 5), generator=g, **kw) for g in gens(3, 4, 5)]
+        assert torch.equal(batch, torch.cat(alone))
+        # one group: the same as that one generator
+        assert torch.equal(
+            diffusion.sample(fn, (2, 5), generator=gens(4), **kw),
+            diffusion.sample(fn, (2, 5), generator=torch.Generator().manual_seed(4), **kw),
+        )
+    with pytest.raises(ValueError, match="2 generators for a batch of 3 rows"):
+        diffusion.sample(fn, (3, 5), generator=gens(1, 2))
+
+
 def test_sample_defaults_callback_and_trajectory() -> None:
     diffusion = process(sampler="ddim", sampling_steps=6)
     fn = analytic_model(diffusion)

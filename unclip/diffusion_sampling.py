@@ -13,6 +13,11 @@ as a model function ``fn(x_t, t)`` passed as an argument:
 * classifier-free guidance (Ho & Salimans 2022 eq. 6; GLIDE §2.3) as a model function built from
   a network that can drop its conditioning, as the decoder and the diffusion prior sample
   (Ramesh et al. §2.1-2.2).
+
+Every random number of a sampler (x_T and each step's z) comes from its ``generator``: one
+``torch.Generator`` for the whole batch, or one per row (:data:`Generators`, :func:`randn_rows`), so
+that a row's sample is a function of its own generator and not of the batch it is drawn in (up to
+the floating-point differences of batched kernels): batch generation relies on it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,34 @@ GuidableFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor], None]
 """``callback(done, total, x, pred_xstart)`` after each sampling step (x is the new, less noisy x)."""
 
-__all__ = ["Callback", "DiffusionSampling", "GuidableFn"]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""Where a sampler's noise comes from: one generator for the whole batch, one per row (a sequence,
+see :func:`randn_rows`), or None (torch's global generator)."""
+
+__all__ = ["Callback", "DiffusionSampling", "Generators", "GuidableFn", "randn_rows"]
+
+
+def randn_rows(
+    shape: Sequence[int],
+    generator: Generators,
+    device: torch.device | str | None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Standard normal noise of ``shape`` (:func:`~unclip.diffusion_process.randn`), drawn from one
+    generator, or by rows from a sequence of G generators: the batch's ``shape[0]`` rows are G
+    groups of ``shape[0] / G`` adjacent rows (e.g. the prior's candidates of one caption, which
+    ``repeat_interleave`` puts side by side), group g drawn from generator g with the shape it would
+    have alone, and the groups stacked. So a group's noise is what the same generator draws for
+    that group sampled on its own: with one sequence per row, a row's whole sampling trajectory
+    depends only on its generator's seed."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return randn(shape, generator, device, dtype)
+    generators = list(generator)
+    rows = int(shape[0])
+    if not generators or rows % len(generators):
+        raise ValueError(f"{len(generators)} generators for a batch of {rows} rows")
+    per = (rows // len(generators), *shape[1:])
+    return torch.cat([randn(per, g, device, dtype) for g in generators])
 
 
 class DiffusionSampling(DiffusionProcess):
@@ -39,13 +71,13 @@ class DiffusionSampling(DiffusionProcess):
     :class:`~unclip.diffusion.GaussianDiffusion`)."""
 
     def _ddpm_step(
-        self, out: dict[str, Tensor], x: Tensor, i: int, generator: torch.Generator | None
+        self, out: dict[str, Tensor], x: Tensor, i: int, generator: Generators
     ) -> Tensor:
         """Ancestral step x_{t-1} = μ_θ + σ_t·z (Ho et al. Algorithm 2); no noise at t = 0."""
         mean = out["mean"]
         if i == 0:
             return mean
-        z = randn(x.shape, generator, x.device, mean.dtype)
+        z = randn_rows(x.shape, generator, x.device, mean.dtype)
         return mean + torch.exp(0.5 * out["log_variance"]) * z
 
     def _ddim_step(
@@ -55,7 +87,7 @@ class DiffusionSampling(DiffusionProcess):
         t: Tensor,
         i: int,
         eta: float,
-        generator: torch.Generator | None,
+        generator: Generators,
     ) -> Tensor:
         """DDIM step (Song et al. eq. 12) with σ_t(η) of eq. 16:
         x_{t-1} = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ²)·ε̂ + σ·z,
@@ -72,7 +104,7 @@ class DiffusionSampling(DiffusionProcess):
         direction = (1.0 - abar_prev - sigma**2).clamp(min=0.0).sqrt()
         x_prev = abar_prev.sqrt() * x0 + direction * eps
         if eta > 0 and i > 0:
-            x_prev = x_prev + sigma * randn(x.shape, generator, x.device, x0.dtype)
+            x_prev = x_prev + sigma * randn_rows(x.shape, generator, x.device, x0.dtype)
         return x_prev
 
     @torch.no_grad()
@@ -85,7 +117,7 @@ class DiffusionSampling(DiffusionProcess):
         steps: int | None = None,
         eta: float | None = None,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         callback: Callback | None = None,
@@ -96,7 +128,9 @@ class DiffusionSampling(DiffusionProcess):
         ``sampler`` "ddpm" (ancestral, Ho et al. Algorithm 2, with this process's variance) or "ddim"
         (Song et al. eq. 12 with ``eta``), respaced to ``steps``; each defaults to the config's value.
         ``noise`` fixes the device and dtype, else ``device``/``dtype``. ``generator`` draws x_T and
-        every step's noise (a CPU generator works for any device). ``callback(done, total, x,
+        every step's noise (a CPU generator works for any device); a sequence of generators draws
+        them by rows (:func:`randn_rows`), so that each row group samples as it would alone
+        (up to the rounding of batched kernels). ``callback(done, total, x,
         pred_xstart)`` runs after each step. Returns x_0 (float32 or wider), or with
         ``return_trajectory`` (x_0, [x_T, …, x_0]).
         """
@@ -106,7 +140,7 @@ class DiffusionSampling(DiffusionProcess):
         eta = self.cfg.eta if eta is None else float(eta)
         process = self.respace(steps or self.cfg.sampling_steps)
         if noise is None:
-            x = randn(shape, generator, device, dtype)
+            x = randn_rows(shape, generator, device, dtype)
         else:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise shape {tuple(noise.shape)} != {tuple(shape)}")

@@ -24,6 +24,15 @@ same numbers for any device), draws every random number from the one ``generator
 changes a model's train/eval mode, and returns images as float32 (B, 3, H, W) in [-1, 1]. Rows of a
 manipulation are grouped by input: row ``i * num + j`` is output ``j`` of input ``i``.
 
+The cascade's functions (:func:`generate`, :func:`image_embeddings`, :func:`decode`,
+:func:`upsample`) also take one generator per row (a sequence of B generators,
+:data:`~unclip.diffusion_sampling.Generators`): every random number of row i (the prior's x_T and
+step noise for its candidates, the decoder's and each upsampler's) then comes from generator i, so
+a row's output does not depend on the rows batched with it, beyond the floating-point differences
+of batched kernels: B rows in one call give what B one-row calls with those generators give. This
+is what lets ``unclip generate`` run real batches and still give each row the image its own seed
+gives alone.
+
 The manipulations decode with DDIM (Song et al. 2021) at every stage, each upsampler with the same η
 as the decoder and one x_T per input row shared by the row's outputs, so a row varies only through
 what the manipulation changes (z_i, or the decoder's sampling noise for variations). For decoding
@@ -43,6 +52,8 @@ from torch import Tensor, nn
 
 from unclip.decoder import Decoder
 from unclip.diffusion_process import randn
+from unclip.diffusion_sampling import Generators
+from unclip.prior import DiffusionPrior
 from unclip.sphere import slerp, text_diff_direction
 from unclip.stage import eval_mode
 from unclip.upsampler import Upsampler, downscale
@@ -130,6 +141,25 @@ def _check_rows(name: str, x: Tensor | None, rows: int) -> None:
         raise ValueError(f"{name} has {x.shape[0]} rows, expected {rows}")
 
 
+def _per_row(generator: Generators) -> list[torch.Generator] | None:
+    """The generators of a per-row ``generator`` (a sequence), else None (one or no generator)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    return list(generator)
+
+
+def _check_generators(generator: Generators, rows: int) -> None:
+    per_row = _per_row(generator)
+    if per_row is not None and len(per_row) != rows:
+        raise ValueError(f"{len(per_row)} generators for {rows} rows: give one per row")
+
+
+def _generator_rows(generator: Generators, rows: slice) -> Generators:
+    """The generators of ``rows`` (one generator serves every row)."""
+    per_row = _per_row(generator)
+    return generator if per_row is None else per_row[rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -145,7 +175,7 @@ def image_embeddings(
     steps: int | None = None,
     num_candidates: int | None = None,
     temperature: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor | None:
     """The image embeddings (B, D, unit norm) the decoder is conditioned on (section 2, figure 2).
 
@@ -156,6 +186,11 @@ def image_embeddings(
     autoregressive prior takes it; None leaves it out). ``"text_embedding"``: the normalised text
     embedding itself, the paper's no-prior baseline (section 5.1). ``"caption"``: None (the decoder
     reads the caption alone). The prior runs in eval mode, its mode restored afterwards.
+
+    ``generator``: one for all rows, or one per row. Per row, a diffusion prior samples the batch
+    at once, each caption's candidates drawn from its generator
+    (:func:`~unclip.diffusion_sampling.randn_rows`); any other prior (the autoregressive one draws
+    its tokens with the generator directly) samples row by row, each with its own generator.
     """
     if conditioning == "caption":
         return None
@@ -165,16 +200,25 @@ def image_embeddings(
         raise ValueError(f"unknown conditioning {conditioning!r}")
     if prior is None:
         raise ValueError('conditioning "prior" needs a prior')
+    _check_rows("text_tokens", text_tokens, text_emb.shape[0])
+    _check_generators(generator, text_emb.shape[0])
     kwargs: dict = {
         "guidance_scale": guidance_scale,
         "steps": steps,
         "num_candidates": num_candidates,
-        "generator": generator,
     }
     if temperature is not None:
         kwargs["temperature"] = temperature
+    per_row = _per_row(generator)
     with eval_mode(prior):
-        emb = prior.sample(text_emb, text_tokens, **kwargs)
+        if per_row is None or isinstance(prior, DiffusionPrior):
+            emb = prior.sample(text_emb, text_tokens, generator=generator, **kwargs)
+        else:
+            rows = [
+                prior.sample(text_emb[i : i + 1], text_tokens[i : i + 1], generator=g, **kwargs)
+                for i, g in enumerate(per_row)
+            ]
+            emb = torch.cat(rows)
     return F.normalize(emb.float(), dim=-1)
 
 
@@ -189,7 +233,7 @@ def decode(
     sampler: Literal["ddpm", "ddim"] | None = None,
     eta: float | None = None,
     noise: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """64px images (B, 3, S, S) from the decoder (section 2.1), guided towards its conditioning
     with classifier-free guidance ``guidance_scale`` (default: the decoder config's).
@@ -197,7 +241,8 @@ def decode(
     ``image_emb`` (B, D) None decodes from the caption alone (the learned null image embedding);
     ``text_tokens`` (B, L) None drops the caption (the learned null caption, as in training), which
     suits images whose caption is unknown. ``noise`` is x_T (e.g. a DDIM-inverted latent);
-    ``sampler``, ``steps`` and the DDIM ``eta`` default to the decoder config's.
+    ``sampler``, ``steps`` and the DDIM ``eta`` default to the decoder config's. ``generator``:
+    one for all rows or one per row (the module docstring).
     """
     if image_emb is None and text_tokens is None:
         raise ValueError("decode needs an image embedding, a caption, or both")
@@ -206,6 +251,7 @@ def decode(
     device = _device(decoder)
     _check_rows("text_tokens", text_tokens, b)
     _check_rows("noise", noise, b)
+    _check_generators(generator, b)
     emb = torch.zeros(b, decoder.embed_dim, device=device) if image_emb is None else image_emb
     tokens = torch.zeros(b, 1, dtype=torch.long) if text_tokens is None else text_tokens
     return decoder.sample(
@@ -231,14 +277,16 @@ def upsample(
     sampler: Literal["ddpm", "ddim"] | None = None,
     eta: float | None = None,
     noise: Sequence[Tensor | None] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> list[Tensor]:
     """Each upsampler's output in turn (section 2.1: 64→256, then 256→1024), lowest first.
 
     ``steps``: one value for all or one per upsampler (None: each config's; the paper uses DDIM
     with 27 and 15 steps); ``noise``: None or one x_T (or None) per upsampler; ``sampler`` and the
-    DDIM ``eta`` default to each upsampler's config.
+    DDIM ``eta`` default to each upsampler's config. ``generator``: one for all rows or one per
+    row of ``image`` (the module docstring).
     """
+    _check_generators(generator, image.shape[0])
     per_steps = _per_stage(steps, len(upsamplers), "steps")
     per_noise = [None] * len(upsamplers) if noise is None else list(noise)
     if len(per_noise) != len(upsamplers):
@@ -309,7 +357,7 @@ def generate(
     decoder_steps: int | None = None,
     upsampler_steps: Steps = None,
     batch_size: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Generation:
     """Text → image with the unCLIP cascade (section 2, figure 2): CLIP text embeddings ``text_emb``
     (N, D) and caption tokens ``text_tokens`` (N, L) → image embeddings (:func:`image_embeddings`
@@ -320,17 +368,24 @@ def generate(
     Many prompts (or one prompt repeated for several samples) are rows; ``batch_size`` runs them in
     chunks of at most that many rows, one after the other from the same generator (None: all at
     once). The same generator seed and ``batch_size`` give identical outputs.
+
+    ``generator`` may instead be one generator per row (N of them): row i's random numbers at every
+    stage then come from generator i alone, so its output is what the same call gives for that row
+    alone with that generator, whatever ``batch_size`` and the other rows (up to the rounding of
+    batched kernels). Batch generation (``unclip generate``) runs this way.
     """
     n = text_emb.shape[0]
     if n < 1:
         raise ValueError("generate needs at least one caption")
     _check_rows("text_tokens", text_tokens, n)
+    _check_generators(generator, n)
     step = n if batch_size is None else int(batch_size)
     if step < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     parts = []
     for start in range(0, n, step):
         rows = slice(start, start + step)
+        rows_generator = _generator_rows(generator, rows)
         emb = image_embeddings(
             text_emb[rows],
             text_tokens[rows],
@@ -340,7 +395,7 @@ def generate(
             steps=prior_steps,
             num_candidates=num_candidates,
             temperature=temperature,
-            generator=generator,
+            generator=rows_generator,
         )
         low = decode(
             decoder,
@@ -348,9 +403,9 @@ def generate(
             text_tokens[rows],
             guidance_scale=decoder_guidance,
             steps=decoder_steps,
-            generator=generator,
+            generator=rows_generator,
         )
-        high = upsample(upsamplers, low, steps=upsampler_steps, generator=generator)
+        high = upsample(upsamplers, low, steps=upsampler_steps, generator=rows_generator)
         parts.append(Generation(emb, [low, *high]))
     return Generation(
         None if parts[0].image_emb is None else torch.cat([p.image_emb for p in parts]),

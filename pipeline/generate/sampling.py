@@ -18,6 +18,7 @@ whole.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -132,11 +133,23 @@ def _steps(cfg: CascadeConfig) -> dict[str, Any]:
 
 
 def generate_images(
-    cascade: Cascade, cfg: TextToImageConfig, prompts: Sequence[str], seed: int
+    cascade: Cascade, cfg: TextToImageConfig, prompts: Sequence[str], seed: int | Sequence[int]
 ) -> torch.Tensor:
     """The final images (N, 3, H, W) in [-1, 1] for ``prompts`` (one row each) through the whole
-    cascade, every random number drawn from one generator seeded by ``seed``, in chunks of
-    ``cfg.batch_size`` rows (the same seed, prompts and batch size give the same images)."""
+    cascade, in chunks of ``cfg.batch_size`` rows.
+
+    ``seed`` an int: every random number is drawn from one generator seeded by it (the same seed,
+    prompts and batch size give the same images; ``unclip sample``). A sequence of N seeds: row i
+    draws all of its random numbers from its own generator seeded by ``seed[i]``
+    (``unclip.generation``'s per-row generators), so a row's image is the one that prompt gives
+    alone with ``seed=seed[i]``, whatever the batch (``unclip generate``), up to the rounding of
+    batched kernels."""
+    if isinstance(seed, numbers.Integral):
+        generator: torch.Generator | list[torch.Generator] = _generator(int(seed))
+    else:
+        generator = [_generator(int(s)) for s in seed]
+        if len(generator) != len(prompts):
+            raise ValueError(f"{len(generator)} seeds for {len(prompts)} prompts")
     text_emb, tokens = cascade.encode_text(prompts)
     result = generation.generate(
         text_emb,
@@ -153,7 +166,7 @@ def generate_images(
         decoder_steps=cfg.decoder_steps,
         upsampler_steps=cfg.upsampler_steps,
         batch_size=cfg.batch_size,
-        generator=_generator(seed),
+        generator=generator,
     )
     return result.final
 
