@@ -40,6 +40,7 @@ from pipeline.train.checkpoints import latest_checkpoint
 
 NODE = {"num_cpus": 2, "resources": {"trainer_slot": 1}, "object_store_memory": 300 * 2**20}
 SHARDS = 16
+WORKER_NODES = 2
 
 
 class Drill:
@@ -54,7 +55,7 @@ class Drill:
         self.cluster = Cluster(
             initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": ray_tmp}
         )
-        self.workers = [self.cluster.add_node(**NODE) for _ in range(2)]
+        self.workers = [self.cluster.add_node(**NODE) for _ in range(WORKER_NODES)]
         ray.init(address=self.cluster.address, log_to_driver=False)
 
     def lose_node(self) -> None:
@@ -174,34 +175,51 @@ def embed_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
     }
 
 
-def wait_for_unreserved_cluster(timeout_s: float = 200) -> list[str]:
-    """Wait until no earlier job holds a reservation with the autoscaling coordinator (Ray Data's
-    and Ray Train's shared detached actor), and return the requests seen at first.
+def _alive_workers() -> list[str]:
+    """The ids of the live nodes with CPUs (the head has none)."""
+    return sorted(
+        n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0
+    )
 
-    An elastic training starts with the workers the coordinator reserves for it. A Ray Data
-    pipeline cancels its request when it ends, but fire-and-forget: a driver that exits at once
-    can leave it until it expires (180 s), and the training then starts with fewer workers (a CI
-    run started this drill's training on one). What the drill asserts is the loss of a node
-    and the arrival of one, so it starts from an unreserved cluster.
+
+def wait_for_settled_coordinator(timeout_s: float = 200) -> list[str]:
+    """Wait until the autoscaling coordinator (Ray Data's and Ray Train's shared detached actor)
+    sees the live worker nodes as they are and holds no earlier job's reservation; return what
+    it held at first.
+
+    An elastic training starts with the workers the coordinator reserves for it, from its own view
+    of the nodes, which it refreshes every 20 s: started right after the embedding drill lost a
+    node and added one, the training got one worker (a lost node still in the view, the new one
+    not yet). A Ray Data pipeline's request, cancelled fire-and-forget when it ends, can also
+    linger until it expires (180 s). What the drill asserts is the loss of a node and the arrival
+    of one, so it starts from a settled cluster.
     """
+    deadline = time.time() + timeout_s
+    while len(_alive_workers()) != WORKER_NODES and time.time() < deadline:
+        time.sleep(1)  # the GCS marks a killed node dead only after its health checks fail
     try:
         actor = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-    except ValueError:
+    except ValueError:  # none yet: the training creates it, with a fresh view
         return []
 
-    def requests(self) -> list[str]:
+    def state(self) -> tuple[list[str], list[str]]:
         now = time.time()
-        return [
+        requests = [
             f"{requester}: {request.requested_resources} for {request.expiration_time - now:.0f} s"
             for requester, request in self._ongoing_reqs.items()
             if request.expiration_time >= now
         ]
+        nodes = sorted(n for group in self._cluster_node_resources.values() for n in group)
+        return requests, nodes
 
-    seen = ray.get(actor.__ray_call__.remote(requests))
-    deadline = time.time() + timeout_s
-    while ray.get(actor.__ray_call__.remote(requests)) and time.time() < deadline:
+    def settled() -> tuple[bool, list[str]]:
+        requests, seen = ray.get(actor.__ray_call__.remote(state))
+        return not requests and seen == _alive_workers(), requests
+
+    _, first = settled()
+    while not settled()[0] and time.time() < deadline:
         time.sleep(2)
-    return seen
+    return first
 
 
 def train_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
@@ -221,7 +239,7 @@ def train_drill(drill: Drill, storage: Storage) -> dict[str, Any]:
         return bool(workers) and workers[-1][1] == 1
 
     started = time.time()
-    reserved_before = wait_for_unreserved_cluster()
+    reserved_before = wait_for_settled_coordinator()
     trained, done = drill.run_with(
         ["train"],
         [(lambda: bool(latest_state()), drill.lose_node), (on_one_worker, drill.add_node)],
