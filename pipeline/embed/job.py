@@ -111,7 +111,7 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
         store.url,
     )
     started = time.time()
-    run = ShardRun(store, source_url, versions, len(todo), len(tars))
+    run = ShardRun(store, versions, len(todo), len(tars))
     if todo:
         spec = ShardSpec(
             storage, store.url, cfg.clip, transform, embed_dim, context, cfg.batch_size
@@ -198,14 +198,12 @@ class ShardRun:
     def __init__(
         self,
         store: EmbeddingStore,
-        source_url: str,
         versions: dict[str, dict[str, Any]],
         todo: int,
         shards: int,
     ) -> None:
         self.store = store
         self.shards = shards
-        self.source_url = source_url
         self.versions = versions
         self.failed: dict[str, str] = {}
         self.rows_written = 0
@@ -284,10 +282,9 @@ class ShardRun:
         if "failed" in result:
             self.failed[name] = result["failed"]
             return
-        source = shard_urls(self.source_url, int(name))["tar"] if name.isdigit() else tar
-        version = self.versions.get(source, {})
+        version = self.versions.get(tar, {})  # the listing's URLs are the tars' own
         record = {
-            "source": source,
+            "source": tar,
             "source_size": version.get("size"),
             "source_version": version.get("version"),
             "skipped": result["skipped"],
