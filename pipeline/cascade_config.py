@@ -200,6 +200,12 @@ class EvalConfig(TextConditionedConfig):
     FID (with ``inception_weights``) and, on the captioned-shapes dataset, the colour and shape
     accuracy of what the prompts name, on prompts like the training captions and on prompts with a
     held-out colour-shape pair.
+
+    The prompts drawn from the store and the real images come from one seeded sample of at most
+    ``store_files`` store files (:func:`pipeline.embed.sampling.sample_rows`), never from a listing
+    of every key: the cost does not grow with the store. ``num_real`` is independent of the prompt
+    count, so the distances rest on thousands of real images, and the report says how many
+    samples each figure rests on.
     """
 
     prior: str | None = param(
@@ -235,11 +241,19 @@ class EvalConfig(TextConditionedConfig):
     )
     num_heldout: int = param(16, "held-out prompts, when heldout_pairs is given", ge=1)
     samples_per_prompt: int = param(1, "images per prompt and conditioning", ge=1)
-    num_real: int | None = param(
-        None,
-        "real images the Fréchet distances compare with, drawn from the store (null: as many as "
-        "images generated per conditioning for the first prompt set)",
+    num_real: int = param(
+        2000,
+        "real images the Fréchet distances and the real row rest on, a seeded sample of the store "
+        "independent of the prompt count (fewer when the store holds fewer): FD/FID on a few dozen "
+        "images are noise",
         ge=2,
+    )
+    store_files: int = param(
+        64,
+        "store files the prompts and real images are sampled from (more only when that many would "
+        "hold under twice the rows drawn); each one's source tar is streamed for the real images: "
+        "more spreads the draw over more of the data, at the cost of reading more",
+        ge=1,
     )
     inception_weights: str | None = param(
         None,

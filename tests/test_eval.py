@@ -2,7 +2,9 @@
 are a real synthetic shard's images, a diffusion and an autoregressive prior. The report's files
 exist and parse, every conditioning is in them with finite numbers in range, FID is there exactly
 when Inception weights are given, held-out prompts name a held-out pair, and the same seed gives
-the same numbers."""
+the same numbers. The prompts and real images are a seeded sample of a bounded number of store
+files (a store of many files is never read whole), and the report says how many samples each
+figure rests on."""
 
 from __future__ import annotations
 
@@ -31,15 +33,17 @@ from pipeline import config as configlib
 from pipeline.cascade_config import EvalConfig
 from pipeline.data import synth
 from pipeline.data.shapes import parse_caption
-from pipeline.data.shards import iter_tar_samples, shard_urls
-from pipeline.embed.store import EmbeddingStore, to_table
+from pipeline.data.shards import iter_tar_samples, shard_name, shard_urls
+from pipeline.embed.store import MANIFEST, EmbeddingStore, to_table
 from pipeline.errors import UserFacingError
-from pipeline.eval.run import run_eval
+from pipeline.eval.run import draw_store_rows, run_eval
 from pipeline.stage_config import SynthConfig
 from pipeline.storage import Storage, join
 
 HELDOUT = ["red star", "blue triangle"]
 ALL = ["caption", "text_embedding", "prior", "ar_prior"]
+STORE_ROWS = 8  # rows of eval_root's store: fewer than tiny.yaml's num_real
+MANY, PER_SHARD = 30, 4  # the many-files store: source shards (store files), samples in each
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +150,8 @@ def test_report_files_and_numbers(eval_root, without_fid) -> None:
             if name != "real":
                 attributes.append(prompt_set["attributes_decoder"])
             for attr in attributes:
-                assert attr["images"] == 2 and attr["unparsed"] == 0
+                assert attr["images"] == (STORE_ROWS if name == "real" else 2)
+                assert attr["unparsed"] == 0
                 for key in ("color", "shape", "all"):
                     assert 0 <= attr[key] <= 1
                 assert attr["shape"] <= attr["color"]
@@ -154,8 +159,20 @@ def test_report_files_and_numbers(eval_root, without_fid) -> None:
             assert math.isfinite(entry["fd_clip"]) and entry["fd_clip"] >= 0
             assert entry["fid"] is None
             assert summary["metrics"][name]["clip_score"] == sets["train"]["clip_score"]
-    assert report["real"]["images"] == 2 and report["real"]["sets"]["train"]["images"] == 2
+    # Real images: tiny.yaml's num_real (64), independent of the prompts, capped by the store
+    assert report["config"]["num_real"] == 64
+    assert report["real"]["images"] == STORE_ROWS == report["real"]["sets"]["train"]["images"]
     assert any("FID skipped" in note for note in report["notes"])
+    assert any(f"holds {STORE_ROWS} captioned rows" in note for note in report["notes"])
+    assert report["samples"] == {
+        "per_prompt": 1,
+        "sets": {"train": {"prompts": 2, "images": 2}, "heldout": {"prompts": 2, "images": 2}},
+        "fd_clip": {"generated": 2, "real": STORE_ROWS},
+        "fid": None,
+        "real": STORE_ROWS,
+        "real_images_decoded": STORE_ROWS,
+        "store_files": 1,
+    }
 
     # Prompts: two store captions, two held-out ones each naming a held-out pair
     pairs = {tuple(p.split()) for p in HELDOUT}
@@ -169,6 +186,12 @@ def test_report_files_and_numbers(eval_root, without_fid) -> None:
         markdown = handle.read()
     header = next(line for line in markdown.splitlines() if line.startswith("| conditioning"))
     assert "FID" in header and "held-out shape" in header
+    assert (
+        "Samples: each conditioning's CLIP score and attribute accuracy rest on 2 prompts × 1 = "
+        "2 images (held-out: 2 prompts × 1 = 2 images); FD (CLIP) compares 2 generated images "
+        f"with {STORE_ROWS} real images, FID not computed; the real row rests on {STORE_ROWS} "
+        "real images, drawn from 1 store file(s)."
+    ) in markdown
     for entry in [*report["conditionings"].values(), report["real"]]:
         assert f"| {entry['label']} |" in markdown
     assert "](metrics.png)" in markdown and "](grid_ar_prior.png)" in markdown
@@ -199,6 +222,9 @@ def test_fid_with_inception_weights_and_determinism(eval_root, without_fid, ince
         # The same seed gives the same numbers (another run, other conditionings beside it)
         assert {**entry, "fid": None, "grid": None} == {**first[name], "grid": None}
     assert report["real"]["sets"] == without_fid["report"]["real"]["sets"]
+    assert report["samples"]["fid"] == {"generated": 2, "real": STORE_ROWS}
+    with open(summary["markdown"]) as handle:
+        assert f"FID 2 generated with {STORE_ROWS} real images" in handle.read()
 
 
 def test_explicit_prompts_real_count_and_another_seed(eval_root, without_fid) -> None:
@@ -218,8 +244,98 @@ def test_explicit_prompts_real_count_and_another_seed(eval_root, without_fid) ->
     entry = report["conditionings"]["text_embedding"]
     assert set(entry["sets"]) == {"train"} and entry["sets"]["train"]["images"] == 3
     assert entry["sets"]["train"]["attributes"]["unparsed"] == 1  # "hello" names no shape
-    assert report["real"]["images"] == 4
+    assert report["real"]["images"] == 4 == report["samples"]["fd_clip"]["real"]
+    assert report["samples"]["sets"] == {"train": {"prompts": 3, "images": 3}}
     assert report["real"]["keys"] != without_fid["report"]["real"]["keys"][:4]
+
+
+@pytest.fixture(scope="module")
+def many_files(eval_root) -> dict:
+    """A second store of the cascade's CLIP over :data:`MANY` synthetic source shards of
+    :data:`PER_SHARD` samples: one store file each, so a draw that listed every key or caption
+    would read them all."""
+    storage = Storage()
+    root = eval_root["root"]
+    shards, url = join(root, "shards-many"), join(root, "embeddings-many", "store")
+    manifest = EmbeddingStore(storage, eval_root["info"]["store"]).manifest()
+    storage.write_json(join(url, MANIFEST), {**manifest, "shards": {}})
+    store = EmbeddingStore(storage, url)
+    synth_cfg = SynthConfig(
+        root=root, num_samples=MANY * PER_SHARD, samples_per_shard=PER_SHARD, image_size=HIGH
+    )
+    rng = np.random.default_rng(2)
+    captions: dict[str, str] = {}
+    for i in range(MANY):
+        synth.write_shard(storage, shards, i, synth_cfg)
+        samples = list(iter_tar_samples(storage, shard_urls(shards, i)["tar"]))
+        keys = [s["__key__"] for s in samples]
+        texts = [s["txt"].decode() for s in samples]
+        captions.update(zip(keys, texts, strict=True))
+        emb = [rng.normal(size=(len(keys), 64)).astype(np.float32) for _ in range(2)]
+        table = to_table(keys, texts, *emb, np.ones((len(keys), 32), np.int32))
+        store.write_shard(shard_name(i), table, {"skipped": {}})
+    store.finalize_manifest({"source": shards})
+    return {"store": store, "captions": captions}
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    """The store files ``EmbeddingStore.read_shard`` opens from now on, one entry per read."""
+    reads: list[str] = []
+    original = EmbeddingStore.read_shard
+
+    def counted(self, name, columns=None):
+        reads.append(name)
+        return original(self, name, columns)
+
+    monkeypatch.setattr(EmbeddingStore, "read_shard", counted)
+    return reads
+
+
+def test_rows_are_drawn_from_a_bounded_number_of_files(many_files, monkeypatch) -> None:
+    store = many_files["store"]
+    reads = _count_reads(monkeypatch)
+    rows = draw_store_rows(store, 6, seed=0, max_files=3)
+    assert len(rows) == 6 == len(set(rows.keys)) and rows.image_emb.shape == (6, 64)
+    assert len(set(reads)) <= 3 < MANY and len(reads) == len(set(reads))
+    for shard, key, caption in zip(rows.shards, rows.keys, rows.captions, strict=True):
+        assert key.startswith(shard) and shard in reads  # each row knows its source shard
+        assert caption == many_files["captions"][key]
+    again = draw_store_rows(store, 6, seed=0, max_files=3)
+    assert again.keys == rows.keys and np.array_equal(again.image_emb, rows.image_emb)
+    assert draw_store_rows(store, 6, seed=1, max_files=3).keys != rows.keys
+
+
+def test_eval_reads_a_bounded_number_of_files_and_states_counts(
+    eval_root, many_files, monkeypatch
+) -> None:
+    """The whole command on the many-files store: prompts and 6 real images from at most 3 of its
+    30 files (the real images read from those files' source tars alone), and the counts said."""
+    cfg = _cfg(
+        eval_root,
+        "store=embeddings-many/store",
+        "shards=shards-many",
+        "heldout_pairs=[]",
+        "conditionings=[caption]",
+        "num_real=6",
+        "store_files=3",
+        "output=eval/many",
+    )
+    reads = _count_reads(monkeypatch)
+    summary = run_eval(cfg)
+    assert len(set(reads)) <= 3 < MANY
+    with open(summary["report"]) as handle:
+        report = json.load(handle)
+    assert set(report["prompts"]["train"]) <= set(many_files["captions"].values())
+    assert report["real"]["images"] == 6 and len(set(report["real"]["keys"])) == 6
+    assert {key[:5] for key in report["real"]["keys"]} <= set(reads)
+    assert report["real"]["sets"]["train"]["attributes"]["images"] == 6  # decoded from the tars
+    samples = report["samples"]
+    assert samples["fd_clip"] == {"generated": 2, "real": 6} and samples["real"] == 6
+    assert samples["store_files"] <= 3 and samples["real_images_decoded"] == 6
+    with open(summary["markdown"]) as handle:
+        markdown = handle.read()
+    assert "FD (CLIP) compares 2 generated images with 6 real images" in markdown
+    assert not any("captioned rows" in note for note in report["notes"])
 
 
 def test_command_line_and_errors(eval_root, capsys) -> None:
@@ -252,6 +368,9 @@ def test_command_line_and_errors(eval_root, capsys) -> None:
 def test_eval_default_config_checks() -> None:
     cfg = configlib.load(EvalConfig, str(CONFIG_DIR / "eval" / "tiny.yaml"))
     assert cfg.selected() == ["caption", "text_embedding", "prior"]
+    assert cfg.num_real == 64  # small for the CPU quickstart; the default is in the thousands
+    default = configlib.load(EvalConfig, None, [])
+    assert default.num_real == 2000 and default.store_files == 64
     synth_cfg = configlib.load(SynthConfig, str(CONFIG_DIR / "synth" / "tiny.yaml"))
     assert cfg.holdout_pairs() == synth_cfg.holdout_pairs()
     with_ar = configlib.load(EvalConfig, None, ["ar_prior=checkpoints/prior-ar", "prior=null"])

@@ -107,6 +107,7 @@ def sample_rows(
     records: Mapping[str, Mapping[str, Any]] | None = None,
     max_shards: int = MAX_SHARDS,
     threads: int = READ_THREADS,
+    shard_column: str | None = None,
 ) -> pa.Table:
     """A seeded sample of at most ``n`` rows of ``columns`` from the store's completed files.
 
@@ -116,12 +117,20 @@ def sample_rows(
     the sample plus ``threads`` store files' columns, whatever the store's size. ``records`` are
     the completion records (``store.completed()``, read here when not given). Rows come in file
     name order, then in their order within the file; the table has a chunk per file read.
+    ``shard_column``, when given, names an added string column holding each row's store file
+    (source shard) name: what a reader needs to find the row's image in its source tar
+    (:func:`pipeline.embed.store.iter_shard_with_embeddings`), as ``unclip eval`` does.
     """
     plan = _plan(store, records, n, seed, max_shards)
     if not plan:
-        return _empty(store, records, columns)
+        return _with_shard(_empty(store, records, columns), "", shard_column)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plan)))) as pool:
-        parts = list(pool.map(lambda item: _take(store, *item, columns, seed), plan.items()))
+        parts = list(
+            pool.map(
+                lambda item: _with_shard(_take(store, *item, columns, seed), item[0], shard_column),
+                plan.items(),
+            )
+        )
     return pa.concat_tables(parts)
 
 
@@ -201,6 +210,13 @@ def _take(
     rng = np.random.default_rng([_seed(seed), zlib.crc32(name.encode())])
     keep = np.sort(rng.choice(table.num_rows, size=min(count, table.num_rows), replace=False))
     return table.take(pa.array(keep))  # a copy: the file's buffers are freed with ``table``
+
+
+def _with_shard(table: pa.Table, name: str, shard_column: str | None) -> pa.Table:
+    """``table`` with a column ``shard_column`` of ``name`` on every row (unchanged when None)."""
+    if shard_column is None:
+        return table
+    return table.append_column(shard_column, pa.array([name] * table.num_rows, pa.string()))
 
 
 def _empty(

@@ -108,6 +108,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{' and '.join(sets)}; {report['config']['samples_per_prompt']} image(s) per prompt, "
         f"seed {report['config']['seed']}, {sides}; {report['real']['images']} real images.",
         "",
+        *([samples_sentence(report["samples"]), ""] if report.get("samples") else []),
         "| conditioning | " + " | ".join(header for header, _, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
@@ -129,6 +130,32 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def samples_sentence(samples: dict[str, Any]) -> str:
+    """What each figure rests on, in words (``report.json``'s ``samples``, built by
+    :func:`pipeline.eval.run.sample_counts`): a difference between conditionings smaller than the
+    noise of a few dozen images means nothing, so the reader is told the counts."""
+    per = samples["per_prompt"]
+
+    def images(name: str) -> str:
+        counts = samples["sets"][name]
+        return f"{counts['prompts']} prompts × {per} = {counts['images']} images"
+
+    held = f" (held-out: {images(HELDOUT)})" if HELDOUT in samples["sets"] else ""
+    fd = samples["fd_clip"]
+    fid = samples.get("fid")
+    fid_text = (
+        f"FID {fid['generated']} generated with {fid['real']} real images"
+        if fid
+        else "FID not computed"
+    )
+    return (
+        f"Samples: each conditioning's CLIP score and attribute accuracy rest on {images(TRAIN)}"
+        f"{held}; FD (CLIP) compares {fd['generated']} generated images with {fd['real']} real "
+        f"images, {fid_text}; the real row rests on {samples['real']} real images, drawn from "
+        f"{samples['store_files']} store file(s)."
+    )
 
 
 def plot_png(report: dict[str, Any]) -> bytes:

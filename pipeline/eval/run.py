@@ -9,7 +9,7 @@ images with ``pipeline.eval.metrics``:
 * **CLIP score**: the generated images encoded by the CLIP that made the decoder's embedding store,
   against the prompts' text embeddings by the same CLIP;
 * **FD (CLIP)**: Fréchet distance between the generated images' CLIP image embeddings and the real
-  images' stored ones (a draw from the store: as many as the images of the first prompt set);
+  images' stored ones (``num_real`` of them, 2000 by default, independent of the prompt count);
 * **FID**: the same on Inception-v3 pool features, the real images decoded from the source shards
   at the generated resolution, when ``inception_weights`` names a local file (skipped, with a
   note, otherwise);
@@ -22,6 +22,12 @@ Prompt sets: ``train`` (the config's prompts, or ``num_prompts`` captions drawn 
 ``heldout`` (``num_heldout`` captioned-shapes scenes, each with a held-out pair). A ``real`` row
 scores the drawn real images the same way (CLIP score from the store's embeddings, attribute
 accuracy of the decoded images), as the ceiling the conditionings are read against.
+
+The store's prompts and real images are one seeded sample (:func:`draw_store_rows`, through
+:func:`pipeline.embed.sampling.sample_rows`) of at most ``store_files`` store files, each row
+carrying its source shard so its image is read from that shard's tar alone: nothing lists every
+key or caption of the store, so the cost is the same at the quickstart's size and at LAION's. The
+report states how many samples each figure rests on (``samples`` in ``report.json``).
 
 Outputs under ``<root>/<output>/``: ``report.json`` (every number, the config, the checkpoints with
 their steps, timings), ``report.md`` (a table, what each metric means, links to the pictures),
@@ -41,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -49,6 +56,7 @@ from pipeline import pictures
 from pipeline.cascade_config import EvalConfig
 from pipeline.data.shapes import sample_scene
 from pipeline.data.synth import scene_options
+from pipeline.embed.sampling import MAX_SHARDS, sample_rows
 from pipeline.embed.store import (
     EmbeddingStore,
     column_array,
@@ -103,6 +111,16 @@ class StoreRows:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def head(self, count: int) -> StoreRows:
+        """The first ``count`` rows."""
+        return StoreRows(
+            self.shards[:count],
+            self.keys[:count],
+            self.captions[:count],
+            self.image_emb[:count],
+            self.text_emb[:count],
+        )
+
 
 @dataclass
 class PromptSet:
@@ -113,40 +131,38 @@ class PromptSet:
     source: str
 
 
-def draw_store_rows(store: EmbeddingStore, count: int, seed: int) -> StoreRows:
-    """``count`` rows with a caption, drawn without replacement from the whole store (seeded);
-    embeddings are read only from the shards the draw falls in."""
-    names = sorted(store.completed())
-    if not names:
-        raise UserFacingError(f"the embedding store at {store.url} has no completed shards")
-    candidates: list[tuple[str, int, str, str]] = []
-    for name in names:
-        table = store.read_shard(name, ["key", "caption"])
-        for i, (key, caption) in enumerate(
-            zip(table.column("key").to_pylist(), table.column("caption").to_pylist(), strict=True)
-        ):
-            if caption and caption.strip():
-                candidates.append((name, i, key, caption))
-    if not candidates:
+SHARD_COLUMN = "source_shard"  # the column sample_rows adds: each drawn row's store file
+DRAW_COLUMNS = ("key", "caption", "image_emb", "text_emb")
+
+
+def draw_store_rows(
+    store: EmbeddingStore, count: int, seed: int, max_files: int = MAX_SHARDS
+) -> StoreRows:
+    """At most ``count`` captioned rows of the store, a seeded sample read from at most
+    ``max_files`` store files (more only when these cannot hold ``count`` rows), in a seeded
+    random order.
+
+    The draw is :func:`pipeline.embed.sampling.sample_rows` (each row drawn with probability
+    ``count / rows``; one column set read per chosen file, the rest of the store never opened), so
+    its cost does not grow with the store: the evaluation never lists every key or caption.
+    Uncaptioned rows are dropped (fewer rows then). The order is shuffled so that any prefix (the
+    prompts, the real images) is a random subset of the draw, not the first files' rows. The same
+    seed and completed files give the same rows in the same order.
+    """
+    table = sample_rows(
+        store, DRAW_COLUMNS, count, seed, max_shards=max_files, shard_column=SHARD_COLUMN
+    )
+    captions = table.column("caption").to_pylist()
+    keep = np.array([i for i, c in enumerate(captions) if c and c.strip()], dtype=np.int64)
+    if not len(keep):
         raise UserFacingError(f"the embedding store at {store.url} has no captioned rows")
-    order = np.random.default_rng(seed).permutation(len(candidates))[:count]
-    chosen = [candidates[i] for i in order]
-    by_shard: dict[str, list[tuple[int, int]]] = {}
-    for pos, (name, i, _, _) in enumerate(chosen):
-        by_shard.setdefault(name, []).append((pos, i))
-    image_emb: list[np.ndarray | None] = [None] * len(chosen)
-    text_emb: list[np.ndarray | None] = [None] * len(chosen)
-    for name, items in by_shard.items():
-        table = store.read_shard(name, ["image_emb", "text_emb"])
-        image, text = column_array(table, "image_emb"), column_array(table, "text_emb")
-        for pos, i in items:
-            image_emb[pos], text_emb[pos] = image[i], text[i]
+    table = table.take(pa.array(keep[np.random.default_rng(seed).permutation(len(keep))]))
     return StoreRows(
-        shards=[c[0] for c in chosen],
-        keys=[c[2] for c in chosen],
-        captions=[c[3] for c in chosen],
-        image_emb=np.stack(image_emb).astype(np.float32),
-        text_emb=np.stack(text_emb).astype(np.float32),
+        shards=table.column(SHARD_COLUMN).to_pylist(),
+        keys=table.column("key").to_pylist(),
+        captions=table.column("caption").to_pylist(),
+        image_emb=column_array(table, "image_emb").astype(np.float32),
+        text_emb=column_array(table, "text_emb").astype(np.float32),
     )
 
 
@@ -348,6 +364,18 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _inception(
+    inception: metrics.InceptionFeatures, images: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Inception features of (N, H, W, 3) uint8 images, converted to floats ``batch_size`` at a
+    time: ``num_real`` (2000) real images at 1024 px as one float tensor would take 25 GB."""
+    parts = [
+        metrics.inception_features(inception, _pixels(images[i : i + batch_size]), batch_size)
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, metrics.INCEPTION_FEATURE_DIM))
+
+
 def _attributes(images: np.ndarray, captions: Sequence[str]) -> dict[str, Any]:
     return metrics.attribute_accuracy(list(images), list(captions))
 
@@ -360,6 +388,33 @@ def _frechet(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
 
 # ----------------------------------------------------------------------------------------------
 # The command
+
+
+def sample_counts(
+    sets: Sequence[PromptSet],
+    per: int,
+    real: StoreRows,
+    real_images: np.ndarray | None,
+    with_fid: bool,
+) -> dict[str, Any]:
+    """How many samples each figure rests on (``report.json``'s ``samples``; ``report.md`` says
+    it in words): per prompt set, prompts × images per prompt (a conditioning's CLIP score and
+    attribute accuracy); for FD (CLIP) and FID, the first set's generated images against the
+    real ones (FID: None when not computed); the real row's images (and how many were decoded
+    from the source tars), and the store files (each one source shard) they were drawn from. A figure on a few dozen images is noise: the
+    counts say how far to trust a difference."""
+    first = len(sets[0].prompts) * per
+    return {
+        "per_prompt": per,
+        "sets": {s.name: {"prompts": len(s.prompts), "images": len(s.prompts) * per} for s in sets},
+        "fd_clip": {"generated": first, "real": len(real)},
+        "fid": {"generated": first, "real": len(real_images)}
+        if with_fid and real_images is not None
+        else None,
+        "real": len(real),
+        "real_images_decoded": None if real_images is None else len(real_images),
+        "store_files": len(set(real.shards)),
+    }
 
 
 def _set_metrics(
@@ -413,8 +468,8 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     per = cfg.samples_per_prompt
     num_first = len(cfg.prompts) if cfg.prompts else cfg.num_prompts
-    num_real = cfg.num_real or num_first * per
-    drawn = draw_store_rows(store, max(num_real, 0 if cfg.prompts else num_first), cfg.seed)
+    wanted = max(cfg.num_real, 0 if cfg.prompts else num_first)
+    drawn = draw_store_rows(store, wanted, cfg.seed, cfg.store_files)
     if cfg.prompts:
         sets = [PromptSet(TRAIN, list(cfg.prompts), "the config's prompts")]
         notes.append(
@@ -425,19 +480,20 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
         captions = drawn.captions[:num_first]
         sets = [PromptSet(TRAIN, captions, f"captions drawn from the store, seed {cfg.seed}")]
         if len(captions) < num_first:
-            notes.append(f"the store has {len(drawn)} captioned rows: {len(captions)} prompts")
+            notes.append(
+                f"the store's sample holds {len(drawn)} captioned rows: {len(captions)} prompts"
+            )
     shards_url = cfg.url(cfg.shards) if cfg.shards else store.manifest().get("source")
     if cfg.heldout_pairs:
         options = scene_options(storage, shards_url) if shards_url else {}
         prompts = heldout_prompts(cfg.holdout_pairs(), cfg.num_heldout, cfg.seed, **options)
         sets.append(PromptSet(HELDOUT, prompts, "captioned-shapes scenes with a held-out pair"))
-    real = StoreRows(
-        drawn.shards[:num_real],
-        drawn.keys[:num_real],
-        drawn.captions[:num_real],
-        drawn.image_emb[:num_real],
-        drawn.text_emb[:num_real],
-    )
+    real = drawn.head(cfg.num_real)
+    if len(real) < cfg.num_real:
+        notes.append(
+            f"the store's sample holds {len(real)} captioned rows: {len(real)} real images, "
+            f"not num_real={cfg.num_real}"
+        )
     row_prompts = [p for s in sets for p in s.prompts for _ in range(per)]
     spans, first = {}, 0
     for prompt_set in sets:
@@ -459,7 +515,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
         )
     real_features = None
     if inception is not None and real_images is not None:
-        real_features = metrics.inception_features(inception, _pixels(real_images), cfg.batch_size)
+        real_features = _inception(inception, real_images, cfg.batch_size)
     real_entry = {
         "label": "real images (reference)",
         "images": len(real),
@@ -467,6 +523,15 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
             TRAIN: _set_metrics(real_images, None, real.image_emb, real.text_emb, real.captions)
         },
     }
+    samples = sample_counts(sets, per, real, real_images, real_features is not None)
+    generated = samples["sets"][TRAIN]["images"]
+    if generated <= real.image_emb.shape[1]:
+        notes.append(
+            f"FD (CLIP) rests on {generated} generated images, no more than the embedding's "
+            f"{real.image_emb.shape[1]} dimensions: its covariance is rank-deficient and the "
+            "figure is biased upwards; compare conditionings with each other (raise num_prompts "
+            "or samples_per_prompt for a steadier one)"
+        )
     timings["prompts_and_real_images"] = time.perf_counter() - started
 
     # Each conditioning
@@ -483,9 +548,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         fid = None
         if real_features is not None:
-            features = metrics.inception_features(
-                inception, _pixels(gen.final[first_rows]), cfg.batch_size
-            )
+            features = _inception(inception, gen.final[first_rows], cfg.batch_size)
             fid = _frechet(features, real_features)
         seconds["inception"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -528,6 +591,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
             "prompts": {s.name: s.prompts for s in sets},
             "prompt_sources": {s.name: s.source for s in sets},
             "real": {**real_entry, "keys": real.keys, "shards": shards_url},
+            "samples": samples,
             "order": list(entries),
             "conditionings": entries,
             "metrics": METRIC_DOCS,
