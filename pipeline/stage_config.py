@@ -461,7 +461,7 @@ class TrainClipConfig(TrainStageConfig):
     """``unclip train-clip``: contrastive training of an open_clip model on the shards."""
 
     run: str = param("clip", "run name: checkpoints go to <root>/checkpoints/<run>")
-    shards: str = param("shards", "webdataset shards to train on")
+    shards: str = param("shards", "webdataset shards to train on (folder, glob or brace pattern)")
     clip: ClipSource = param(factory=ClipSource, doc="the open_clip model to train (or fine-tune)")
 
 
@@ -489,7 +489,9 @@ class DecoderConfig(TrainStageConfig):
     """``unclip train-decoder``: CLIP image embedding (and caption) → 64px image (section 2.1)."""
 
     run: str = param("decoder", "run name: checkpoints go to <root>/checkpoints/<run>")
-    shards: str = param("shards", "webdataset shards with the images")
+    shards: str = param(
+        "shards", "webdataset shards with the images (folder, glob or brace pattern)"
+    )
     store: str = param("embeddings", "embedding store root")
     clip_id: str | None = param(None, "which store under <store>/ (null: the only one)")
     model: DecoderNetConfig = param(factory=DecoderNetConfig, doc="decoder UNet")
@@ -507,7 +509,9 @@ class UpsamplerConfig(TrainStageConfig):
     """``unclip train-upsampler``: 64→256 or 256→1024 super-resolution (section 2.1)."""
 
     run: str = param("upsampler", "run name: checkpoints go to <root>/checkpoints/<run>")
-    shards: str = param("shards", "webdataset shards with the images")
+    shards: str = param(
+        "shards", "webdataset shards with the images (folder, glob or brace pattern)"
+    )
     model: UpsamplerNetConfig = param(factory=UpsamplerNetConfig, doc="upsampler UNet")
     diffusion: DiffusionConfig = param(factory=DiffusionConfig, doc="diffusion process")
     sample_grid: int = param(8, "samples in the grid written at each checkpoint (0: none)", ge=0)

@@ -516,6 +516,35 @@ class Storage:
                 out[join(url, name)] = _details(entry)
         return out
 
+    def find_details(self, url: str) -> dict[str, dict[str, Any]]:
+        """Every file below ``url`` at any depth, with its ``size`` and ``version`` (see
+        :meth:`list_details`), from one recursive listing (on S3, a paginated listing without a
+        delimiter); names with a hidden or temporary part are left out. A missing folder is
+        empty."""
+        fs, path = self.filesystem(url)
+        root = fs._strip_protocol(path).rstrip("/")  # as fs.find names what it finds
+
+        def find() -> dict[str, dict[str, Any]]:
+            try:
+                return fs.find(root, detail=True)
+            except FileNotFoundError as exc:
+                text = _chain_text(exc)
+                if not is_local(url) and (
+                    "NoSuchBucket" in text or "bucket does not exist" in text
+                ):
+                    raise
+                return {}
+
+        out: dict[str, dict[str, Any]] = {}
+        for name, entry in self._retry("list", url, find).items():
+            relative = name[len(root) :].strip("/") if name.startswith(root) else basename(name)
+            if entry.get("type") == "directory" or not relative:
+                continue
+            if any(_is_hidden(part) for part in relative.split("/")):
+                continue
+            out[join(url, relative)] = _details(entry)
+        return out
+
     def stat(self, url: str) -> dict[str, Any]:
         """``size`` and ``version`` of one file (see :meth:`list_details`)."""
         fs, path = self.filesystem(url)

@@ -14,6 +14,7 @@ from faults import Fault
 from PIL import Image
 
 from pipeline.data.reader import Skips, read_samples
+from pipeline.data.shard_set import TarLocator
 from pipeline.data.shards import ShardWriter, sample_key, shard_urls
 from pipeline.embed.store import EmbeddingStore, iter_shard_with_embeddings, to_table
 from pipeline.storage import Storage, StorageError, StorageOptions, join
@@ -99,12 +100,18 @@ def test_the_image_stages_reader_fails_loudly_on_a_missing_tar(local: Root) -> N
     table = to_table(keys, ["c"] * 6, vectors, vectors, np.zeros((6, 3), np.int32))
     store.write_shard("00000", table, {"source": url, "skipped": {}, "skipped_keys": {}})
     rows = list(
-        iter_shard_with_embeddings(local.storage, join(local.url, "shards"), store, "00000")
+        iter_shard_with_embeddings(
+            local.storage, TarLocator(join(local.url, "shards")), store, "00000"
+        )
     )
     assert [r["key"] for r in rows] == keys
     local.storage.remove(url)
     with pytest.raises(StorageError, match=r"00000\.tar: no such file"):
-        list(iter_shard_with_embeddings(local.storage, join(local.url, "shards"), store, "00000"))
+        list(
+            iter_shard_with_embeddings(
+                local.storage, TarLocator(join(local.url, "shards")), store, "00000"
+            )
+        )
 
 
 def test_a_source_smaller_than_the_stage_is_refused_naming_shard_and_key() -> None:

@@ -38,11 +38,11 @@ from typing import Any
 
 from pipeline.cluster.preflight import ActorPool, check_cluster_fits
 from pipeline.cluster.watchdog import PipelineStalled
-from pipeline.data.shards import completed_shards, shard_urls
+from pipeline.data.shard_set import list_shards
 from pipeline.embed import clip_model
 from pipeline.embed.encoder import STATUS_GROUP, ClipEncoder, describe_clip
 from pipeline.embed.shard_task import ShardReader, ShardSpec
-from pipeline.embed.store import EmbeddingStore, changed_sources, source_name
+from pipeline.embed.store import EmbeddingStore, changed_sources
 from pipeline.errors import UserFacingError
 from pipeline.progress import Progress
 from pipeline.stage_config import EmbedConfig
@@ -71,12 +71,7 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
 
     storage = storage or Storage(cfg.storage)
     source_url = cfg.url(cfg.shards)
-    shard_ids = completed_shards(storage, source_url)
-    if not shard_ids:
-        raise UserFacingError(
-            f"no complete shards at {source_url} (config key: shards): run `unclip synth` or "
-            "`unclip ingest` first"
-        )
+    shards = list_shards(storage, source_url)  # one listing: names, sizes and ETags
     check_cluster_fits(
         "embed",
         "encoder actors",
@@ -92,26 +87,25 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
     header["clip_source"] = clip_model.located(cfg.clip, storage, cfg.root)
     store.open_for_writing({**header, "source": source_url})
 
-    versions = storage.list_details(source_url)  # one listing: every source tar's size and ETag
-    tars = [shard_urls(source_url, i)["tar"] for i in shard_ids]
     done = store.completed()
-    changed = changed_sources(done, versions)
+    changed = [n for n in changed_sources(done, shards.versions) if n in shards.tars]
     if changed:
         log.warning(
             "embed: %d source shards changed since they were encoded (%s); encoding them again",
             len(changed),
-            ", ".join(sorted(changed)[:10]),
+            ", ".join(changed[:10]),
         )
-    todo = [t for t in tars if source_name(t) not in done or source_name(t) in changed]
+    redo = set(changed)
+    todo = [(n, url) for n, url in shards.tars.items() if n not in done or n in redo]
     log.info(
         "embed: %d of %d source shards to encode with %s into %s",
         len(todo),
-        len(tars),
+        len(shards),
         ident.id,
         store.url,
     )
     started = time.time()
-    run = ShardRun(store, versions, len(todo), len(tars))
+    run = ShardRun(store, shards.versions, len(todo), len(shards))
     if todo:
         spec = ShardSpec(
             storage, store.url, cfg.clip, transform, embed_dim, context, cfg.batch_size
@@ -213,14 +207,14 @@ class ShardRun:
 
     def drive(
         self,
-        tars: list[str],
+        tars: list[tuple[str, str]],
         spec: ShardSpec,
         encoders: list[Any],
         readers_per_encoder: int,
         cpus_per_encoder: float,
         stall_timeout_s: float | None,
     ) -> None:
-        """Encode every tar with ``readers_per_encoder`` reader actors per encoder, a shard at a
+        """Encode every (name, tar) with ``readers_per_encoder`` reader actors per encoder, a shard at a
         time each, and record each shard as it comes back. Raises :class:`PipelineStalled` when no row is encoded and no
         shard finishes for ``stall_timeout_s``."""
         import ray
@@ -233,20 +227,20 @@ class ShardRun:
         ]
         readers = list(idle)
         queue = deque(tars)
-        running: dict[Any, tuple[str, Any]] = {}
+        running: dict[Any, tuple[tuple[str, str], Any]] = {}
         counts = Counts(encoders)
         last_progress = time.time()
         poll = min(self.POLL_S, stall_timeout_s or self.POLL_S)
         try:
             while queue or running:
                 while queue and idle:
-                    tar, free = queue.popleft(), idle.pop()
-                    running[free.encode.remote(tar)] = (tar, free)
+                    shard, free = queue.popleft(), idle.pop()
+                    running[free.encode.remote(*shard)] = (shard, free)
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=poll)
                 for ref in ready:
-                    tar, free = running.pop(ref)
+                    shard, free = running.pop(ref)
                     idle.append(free)
-                    self.finish(tar, ref)
+                    self.finish(*shard, ref)
                     last_progress = time.time()
                 if counts.moved():
                     last_progress = time.time()
@@ -267,11 +261,10 @@ class ShardRun:
             "not fit on the nodes left, or leave no CPU for the readers."
         )
 
-    def finish(self, tar: str, ref: Any) -> None:
+    def finish(self, name: str, tar: str, ref: Any) -> None:
         """Take a reader's result: write the shard's completion record, or note why it failed."""
         import ray
 
-        name = source_name(tar)
         self.done += 1
         try:
             result = ray.get(ref)
@@ -282,7 +275,7 @@ class ShardRun:
         if "failed" in result:
             self.failed[name] = result["failed"]
             return
-        version = self.versions.get(tar, {})  # the listing's URLs are the tars' own
+        version = self.versions.get(name, {})
         record = {
             "source": tar,
             "source_size": version.get("size"),

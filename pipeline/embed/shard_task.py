@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.data.reader import Skips, read_samples
 from pipeline.embed import clip_model
-from pipeline.embed.store import EmbeddingStore, source_name, to_table
+from pipeline.embed.store import EmbeddingStore, to_table
 from pipeline.stage_config import ClipSource
 from pipeline.storage import Storage, StorageError
 
@@ -100,7 +100,7 @@ class _Rows:
         )
 
 
-def encode_shard(spec: ShardSpec, tar_url: str, encoder: Any) -> dict[str, Any]:
+def encode_shard(spec: ShardSpec, name: str, tar_url: str, encoder: Any) -> dict[str, Any]:
     """Read, encode and write one source shard; returns ``{"name", "rows", "skipped",
     "skipped_keys"}`` once its store file is written, or ``{"name", "failed": reason}``.
 
@@ -111,7 +111,6 @@ def encode_shard(spec: ShardSpec, tar_url: str, encoder: Any) -> dict[str, Any]:
     import ray
     from PIL import Image
 
-    name = source_name(tar_url)
     tokenizer = clip_model.tokenizer(spec.clip)
     skips = Skips()
     rows = _Rows(spec)
@@ -171,6 +170,6 @@ class ShardReader:
         self.spec = spec
         self.encoder = encoder
 
-    def encode(self, tar_url: str) -> dict[str, Any]:
-        """:func:`encode_shard` of ``tar_url``."""
-        return encode_shard(self.spec, tar_url, self.encoder)
+    def encode(self, name: str, tar_url: str) -> dict[str, Any]:
+        """:func:`encode_shard` of the shard ``name`` at ``tar_url``."""
+        return encode_shard(self.spec, name, tar_url, self.encoder)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.reader import Skips, read_samples
-from pipeline.data.shards import shard_urls
+from pipeline.data.shard_set import ShardSet, TarLocator, list_shards
 from pipeline.errors import UserFacingError
 from pipeline.storage import Storage, basename, is_local, join
 
@@ -245,9 +245,10 @@ class EmbeddingStore:
         self.storage.write_bytes(join(self.url, INDEX), sink.getvalue().to_pybytes())
         return {name: record for name, (_, record) in records.items()}
 
-    def check_source(self, shards_url: str) -> None:
-        """Refuse to pair this store with source shards it was not made from, or that changed
-        since (the size and version each completion record keeps of its tar; one listing)."""
+    def check_source(self, shards_url: str) -> ShardSet:
+        """The source shards at ``shards_url`` (a folder or pattern), refusing to pair this store
+        with shards it was not made from, or that changed since (the size and version each
+        completion record keeps of its tar; one listing)."""
         source = self.manifest().get("source")
         if source and not same_place(source, shards_url):
             raise UserFacingError(
@@ -255,13 +256,15 @@ class EmbeddingStore:
                 f"not {shards_url} (config key: shards): use that folder, or embed this one into "
                 "its own store"
             )
-        changed = changed_sources(self.completed(), self.storage.list_details(shards_url))
+        shards = list_shards(self.storage, shards_url)
+        changed = changed_sources(self.completed(), shards.versions)
         if changed:
             raise UserFacingError(
                 f"{len(changed)} source shards under {shards_url} changed since they were "
                 f"embedded into {self.url} ({', '.join(changed[:10])}): rerun `unclip embed`, "
                 "which encodes them again"
             )
+        return shards
 
     def write_shard(self, name: str, table: pa.Table, record: dict[str, Any]) -> None:
         """Publish one source shard: its parquet, then its completion record."""
@@ -310,7 +313,7 @@ class EmbeddingStore:
 
 def iter_shard_with_embeddings(
     storage: Storage,
-    shards_url: str,
+    tars: TarLocator,
     store: EmbeddingStore,
     name: str,
     columns: Sequence[str] = ("image_emb", "text_tokens", "caption"),
@@ -328,7 +331,7 @@ def iter_shard_with_embeddings(
         for c in columns
     }
     values = {c: table.column(c).to_pylist() for c in columns if arrays[c] is None}
-    tar = source_tar_url(shards_url, name)
+    tar = tars(name)
     skips = Skips()
     for sample in read_samples(storage, tar, skips, need_caption=False):
         i = index.get(sample.key)
@@ -380,11 +383,11 @@ def image_dataset(
     names = sorted(store.completed())
     if not names:
         raise UserFacingError(f"the embedding store at {store.url} has no completed shards")
-    store.check_source(shards_url)
+    tars = store.check_source(shards_url).locator()
 
     def read(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
         skips = Skips()
-        for row in iter_shard_with_embeddings(storage, shards_url, store, item["name"], columns):
+        for row in iter_shard_with_embeddings(storage, tars, store, item["name"], columns):
             try:
                 where = f"{row['key']} of shard {item['name']}"
                 image = decode_image(row.pop("image_bytes"), image_size, where)
@@ -401,16 +404,16 @@ def image_dataset(
 
 
 def changed_sources(
-    records: dict[str, dict[str, Any]], listing: dict[str, dict[str, Any]]
+    records: dict[str, dict[str, Any]], versions: dict[str, dict[str, Any]]
 ) -> list[str]:
-    """The shards whose completion record names another version of its source tar than the
-    listing of the source folder shows (matched by file name; records without one are trusted)."""
-    versions = {basename(url): details.get("version") for url, details in listing.items()}
+    """The shards whose completion record names another version of its source tar than
+    ``versions`` (a :class:`~pipeline.data.shard_set.ShardSet`'s, by shard name) shows, or whose
+    tar is gone (records without a version are trusted)."""
     return sorted(
         name
         for name, record in records.items()
         if record.get("source_version")
-        and versions.get(basename(record.get("source", ""))) != record["source_version"]
+        and versions.get(name, {}).get("version") != record["source_version"]
     )
 
 
@@ -420,18 +423,3 @@ def same_place(a: str, b: str) -> bool:
         strip = lambda u: u[len("file://") :] if u.startswith("file://") else u  # noqa: E731
         return os.path.abspath(strip(a)) == os.path.abspath(strip(b))
     return a.rstrip("/") == b.rstrip("/")
-
-
-def source_tar_url(shards_url: str, name: str) -> str:
-    """The source tar of the store's shard ``name`` (img2dataset's numbered name, or ``name.tar``)."""
-    return (
-        shard_urls(shards_url, int(name))["tar"]
-        if name.isdigit()
-        else join(shards_url, f"{name}.tar")
-    )
-
-
-def source_name(tar_url: str) -> str:
-    """The store's name for a source tar: its file name without ``.tar``."""
-    name = basename(tar_url)
-    return name[: -len(".tar")] if name.endswith(".tar") else name

@@ -55,6 +55,7 @@ from pipeline import config as configlib
 from pipeline import pictures
 from pipeline.cascade_config import EvalConfig
 from pipeline.data.shapes import sample_scene
+from pipeline.data.shard_set import list_shards
 from pipeline.data.synth import scene_options
 from pipeline.embed.sampling import MAX_SHARDS, sample_rows
 from pipeline.embed.store import (
@@ -183,12 +184,17 @@ def read_real_images(
 ) -> np.ndarray | None:
     """The rows' images (N, size, size, 3) uint8 from the source shards beside the store (one
     pass over each tar the rows fall in), or None when any is missing there."""
+    try:
+        tars = list_shards(storage, shards_url).locator()
+    except UserFacingError as exc:
+        log.warning("no real images: %s", exc)
+        return None
     wanted: dict[str, dict[str, int]] = {}
     for pos, (shard, key) in enumerate(zip(rows.shards, rows.keys, strict=True)):
         wanted.setdefault(shard, {})[key] = pos
     images: list[np.ndarray | None] = [None] * len(rows)
     for shard, keys in wanted.items():
-        for sample in iter_shard_with_embeddings(storage, shards_url, store, shard, columns=()):
+        for sample in iter_shard_with_embeddings(storage, tars, store, shard, columns=()):
             pos = keys.get(sample["key"])
             if pos is not None:
                 where = f"{sample['key']} of shard {shard}"

@@ -13,7 +13,8 @@ without decoding them; ``decode(raw)`` (on the worker's decode threads) gives th
 * :class:`StoreImages` (the decoder): a source tar streamed beside its store file, matched by key;
   slot ``k`` is the store file's row ``k``;
 * :class:`TarImages` (the upsamplers, CLIP): source tars alone; slot ``k`` is the tar's ``k``-th
-  sample, the piece's slots its ``_stats.json`` count.
+  sample, the piece's slots its sample count
+  (:func:`pipeline.data.shard_set.sample_counts`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.reader import Skips, read_samples
-from pipeline.embed.store import source_tar_url
+from pipeline.data.shard_set import TarLocator
 from pipeline.storage import Storage, StorageOptions
 from pipeline.train.order import Piece, within_piece
 
@@ -103,7 +104,7 @@ class StoreImages(Source):
     """Images from the source tars beside the store's columns, matched by key (the decoder)."""
 
     store: str = ""
-    shards: str = ""
+    tars: TarLocator = field(default_factory=lambda: TarLocator(""))
     image_size: int = 64
     columns: tuple[str, ...] = ()
     skips: Skips = field(default_factory=Skips)
@@ -113,7 +114,7 @@ class StoreImages(Source):
         storage = self._storage()
         _, values = _store_file(storage, self.store, name, self.columns)
         slot_of = {key: i for i, key in enumerate(values["key"])}
-        tar = source_tar_url(self.shards, name)
+        tar = self.tars(name)
         left = set(wanted)
         for sample in read_samples(storage, tar, self.skips, need_caption=False):
             slot = slot_of.get(sample.key)
@@ -136,14 +137,14 @@ class StoreImages(Source):
 class TarImages(Source):
     """Images (and captions) of the source tars alone (the upsamplers, CLIP)."""
 
-    shards: str = ""
+    tars: TarLocator = field(default_factory=lambda: TarLocator(""))
     image_size: int = 64
     captions: bool = False
     skips: Skips = field(default_factory=Skips)
 
     def rows(self, piece: int, epoch: int, wanted: set[int]) -> Iterator[tuple[int, Raw]]:
         name = self.pieces[piece].name
-        tar = source_tar_url(self.shards, name)
+        tar = self.tars(name)
         left = set(wanted)
         for sample in read_samples(self._storage(), tar, self.skips, need_caption=self.captions):
             if sample.index in left:

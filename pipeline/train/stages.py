@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline import pictures
-from pipeline.data.shards import completed_shards, shard_urls
+from pipeline.data.shard_set import ShardSet, list_shards, sample_counts
 from pipeline.embed.sampling import sample_arrays
 from pipeline.embed.store import EmbeddingStore
 from pipeline.errors import UserFacingError
@@ -36,7 +36,7 @@ from pipeline.stage_config import (
     TrainStageConfig,
     UpsamplerConfig,
 )
-from pipeline.storage import Storage
+from pipeline.storage import Storage, join
 from pipeline.train.order import Piece
 from pipeline.train.sources import Source, StoreImages, StoreRows, TarImages
 
@@ -60,20 +60,11 @@ def to_images(uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def shard_pieces(storage: Storage, folder: str) -> tuple[Piece, ...]:
-    """The complete source shards of ``folder`` as pieces, each with the samples its stats count."""
-    ids = completed_shards(storage, folder)
-    if not ids:
-        raise UserFacingError(
-            f"no complete shards at {folder} (run `unclip synth` or `unclip ingest`)"
-        )
-    return tuple(
-        Piece(
-            f"{i:05d}",
-            int(storage.read_json(shard_urls(folder, i)["stats"]).get("successes", 0)),
-        )
-        for i in ids
-    )
+def shard_pieces(storage: Storage, shards: ShardSet, cfg: TrainStageConfig) -> tuple[Piece, ...]:
+    """The complete source shards as pieces, each with its sample count (img2dataset's stats, or
+    plain tars counted once on the cluster and kept in the run folder for its reruns)."""
+    counts = sample_counts(storage, shards, join(cfg.run_url(), "source-counts.parquet"))
+    return tuple(Piece(name, counts[name]) for name in shards.names)
 
 
 def store_pieces(store: EmbeddingStore) -> tuple[Piece, ...]:
@@ -152,15 +143,14 @@ def collate_embeddings(batch: dict[str, Any], cfg: Any = None) -> dict[str, torc
 
 def prepare_decoder(cfg: DecoderConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
     store = _store(cfg, storage)
-    shards = cfg.url(cfg.shards)
     pieces = store_pieces(store)
-    store.check_source(shards)
+    shards = store.check_source(cfg.url(cfg.shards))
     source = StoreImages(
         pieces,
         cfg.storage,
         cfg.train.seed,
         store=store.url,
-        shards=shards,
+        tars=shards.locator(),
         image_size=cfg.model.image_size,
         columns=("image_emb", "text_tokens"),
     )
@@ -198,10 +188,10 @@ def decoder_pictures(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Deco
 
 
 def prepare_upsampler(cfg: UpsamplerConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
-    folder = cfg.url(cfg.shards)
-    pieces = shard_pieces(storage, folder)
+    shards = list_shards(storage, cfg.url(cfg.shards))
+    pieces = shard_pieces(storage, shards, cfg)
     return TarImages(
-        pieces, cfg.storage, cfg.train.seed, shards=folder, image_size=cfg.model.high_res
+        pieces, cfg.storage, cfg.train.seed, tars=shards.locator(), image_size=cfg.model.high_res
     ), {}
 
 
@@ -275,12 +265,12 @@ def prepare_clip(cfg: TrainClipConfig, storage: Storage) -> tuple[Source, dict[s
 
     require_model(cfg.clip)
     size = image_size_of(open_clip.get_model_config(cfg.clip.model))
-    folder = cfg.url(cfg.shards)
+    shards = list_shards(storage, cfg.url(cfg.shards))
     source = TarImages(
-        shard_pieces(storage, folder),
+        shard_pieces(storage, shards, cfg),
         cfg.storage,
         cfg.train.seed,
-        shards=folder,
+        tars=shards.locator(),
         image_size=size,
         captions=True,
     )
