@@ -158,22 +158,9 @@ class TextDiffConfig(CascadeConfig):
 
 
 @dataclass
-class GenerateConfig(TextToImageConfig):
-    """``unclip generate``: a caption file → images and a parquet index, as a Ray Data job that
-    generates ``batch_size`` rows per cascade call and, rerun, only the rows not yet done
-    (:mod:`pipeline.generate.batch`)."""
+class CascadeActors:
+    """The Ray actors that each hold the whole cascade (``unclip generate``, ``unclip eval``)."""
 
-    captions: str = param("captions.txt", "caption file, one caption per line (local or s3://)")
-    samples_per_caption: int = param(1, "images per caption", ge=1)
-    output: str = param(
-        "generated", "where job.json, images/, index/ (a part per batch) and index.parquet go"
-    )
-    batch_size: int = param(
-        16,
-        "rows per cascade call of a generator actor (prior, decoder and upsamplers over them at "
-        "once) and per index part; the images do not depend on it (up to float rounding)",
-        ge=1,
-    )
     concurrency: int = param(1, "generator actors, each holding the whole cascade", ge=1)
     gpus_per_actor: float | None = param(
         None, "GPUs per generator actor (null: 1 when the cluster has GPUs, else 0)", ge=0
@@ -191,7 +178,26 @@ class GenerateConfig(TextToImageConfig):
 
 
 @dataclass
-class EvalConfig(TextConditionedConfig):
+class GenerateConfig(TextToImageConfig, CascadeActors):
+    """``unclip generate``: a caption file → images and a parquet index, as a Ray Data job that
+    generates ``batch_size`` rows per cascade call and, rerun, only the rows not yet done
+    (:mod:`pipeline.generate.batch`)."""
+
+    captions: str = param("captions.txt", "caption file, one caption per line (local or s3://)")
+    samples_per_caption: int = param(1, "images per caption", ge=1)
+    output: str = param(
+        "generated", "where job.json, images/, index/ (a part per batch) and index.parquet go"
+    )
+    batch_size: int = param(
+        16,
+        "rows per cascade call of a generator actor (prior, decoder and upsamplers over them at "
+        "once) and per index part; the images do not depend on it (up to float rounding)",
+        ge=1,
+    )
+
+
+@dataclass
+class EvalConfig(TextConditionedConfig, CascadeActors):
     """``unclip eval``: the conditionings of section 5.1 (figure 7) compared on one cascade.
 
     The decoder is conditioned on the caption alone, on the CLIP text embedding in place of z_i,

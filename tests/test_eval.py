@@ -47,7 +47,7 @@ MANY, PER_SHARD = 30, 4  # the many-files store: source shards (store files), sa
 
 
 @pytest.fixture(scope="module")
-def eval_root(tmp_path_factory) -> dict:
+def eval_root(tmp_path_factory, ray_local) -> dict:
     """``make_cascade_root``'s checkpoints, its store rewritten as the embeddings of a synthetic
     shard (so real images can be read beside it), an autoregressive prior, Inception weights."""
     base = tmp_path_factory.mktemp("eval")
@@ -225,6 +225,16 @@ def test_fid_with_inception_weights_and_determinism(eval_root, without_fid, ince
     assert report["samples"]["fid"] == {"generated": 2, "real": STORE_ROWS}
     with open(summary["markdown"]) as handle:
         assert f"FID 2 generated with {STORE_ROWS} real images" in handle.read()
+
+
+def test_the_numbers_do_not_depend_on_the_number_of_actors(eval_root, without_fid) -> None:
+    """Each row draws its noise from its own seed, whichever actor makes it: two actors sharing
+    the rows and the real images give the one actor's numbers."""
+    summary = run_eval(_cfg(eval_root, "output=eval/two-actors", "concurrency=2"))
+    with open(summary["report"]) as handle:
+        report = json.load(handle)
+    assert _numbers(report) == _numbers(without_fid["report"])
+    assert report["samples"] == without_fid["report"]["samples"]
 
 
 def test_explicit_prompts_real_count_and_another_seed(eval_root, without_fid) -> None:

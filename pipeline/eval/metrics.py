@@ -308,6 +308,38 @@ def inception_features(
 # Attribute accuracy (captioned-shapes dataset)
 
 
+def attribute_row(image: np.ndarray, caption: str) -> dict[str, Any]:
+    """One image's check against its caption: ``objects`` named, how many have their ``color``
+    present and their ``shape`` right, and the ``checks`` (:class:`ObjectCheck` fields); no
+    objects when the caption names no ``(color, shape)``. What :func:`attribute_totals` adds up,
+    so that images scored on different processes add up to what one process would give."""
+    asked = parse_caption(caption)
+    checks = check_image(np.asarray(image), asked) if asked else []
+    return {
+        "objects": len(checks),
+        "color_ok": sum(c.color_ok for c in checks),
+        "shape_ok": sum(c.shape_ok for c in checks),
+        "checks": [asdict(c) for c in checks],
+    }
+
+
+def attribute_totals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The accuracies of :func:`attribute_accuracy` from its rows (:func:`attribute_row`)."""
+    parsed = [r for r in rows if r["objects"]]
+    objects = sum(r["objects"] for r in parsed)
+    color_ok = sum(r["color_ok"] for r in parsed)
+    shape_ok = sum(r["shape_ok"] for r in parsed)
+    all_ok = sum(r["shape_ok"] == r["objects"] for r in parsed)
+    return {
+        "color": color_ok / objects if objects else math.nan,
+        "shape": shape_ok / objects if objects else math.nan,
+        "all": all_ok / len(parsed) if parsed else math.nan,
+        "objects": objects,
+        "images": len(parsed),
+        "unparsed": len(rows) - len(parsed),
+    }
+
+
 def attribute_accuracy(
     images: Sequence[np.ndarray], captions: Sequence[str], *, rows: bool = False
 ) -> dict[str, Any]:
@@ -329,27 +361,10 @@ def attribute_accuracy(
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    color_ok = shape_ok = objects = parsed = all_ok = 0
-    details = []
-    for image, caption in zip(images, captions, strict=True):
-        asked = parse_caption(caption)
-        checks = check_image(np.asarray(image), asked) if asked else []
-        if checks:
-            parsed += 1
-            objects += len(checks)
-            color_ok += sum(c.color_ok for c in checks)
-            shape_ok += sum(c.shape_ok for c in checks)
-            all_ok += all(c.shape_ok for c in checks)
-        if rows:
-            details.append({"caption": caption, "objects": [asdict(c) for c in checks]})
-    result: dict[str, Any] = {
-        "color": color_ok / objects if objects else math.nan,
-        "shape": shape_ok / objects if objects else math.nan,
-        "all": all_ok / parsed if parsed else math.nan,
-        "objects": objects,
-        "images": parsed,
-        "unparsed": len(captions) - parsed,
-    }
+    checked = [attribute_row(i, c) for i, c in zip(images, captions, strict=True)]
+    result = attribute_totals(checked)
     if rows:
-        result["rows"] = details
+        result["rows"] = [
+            {"caption": c, "objects": r["checks"]} for c, r in zip(captions, checked, strict=True)
+        ]
     return result

@@ -29,6 +29,14 @@ carrying its source shard so its image is read from that shard's tar alone: noth
 key or caption of the store, so the cost is the same at the quickstart's size and at LAION's. The
 report states how many samples each figure rests on (``samples`` in ``report.json``).
 
+The work runs on the cluster (:mod:`pipeline.eval.workers`): ``concurrency`` Ray Data actors
+(one GPU each when the cluster has GPUs) each hold the cascade, every prior compared, the CLIP and
+Inception, generate the rows of every conditioning ``batch_size`` at a time and read and score the
+real images shard by shard; the driver plans, draws, and adds up per-row numbers (embeddings,
+Inception features, attribute checks), holding no image but those the grids show. Row ``r``
+draws its noise from its own seed, the same for every conditioning, so the conditionings are
+compared on the same noise and the numbers do not depend on the number of actors.
+
 Outputs under ``<root>/<output>/``: ``report.json`` (every number, the config, the checkpoints with
 their steps, timings), ``report.md`` (a table, what each metric means, links to the pictures),
 ``metrics.png`` (bars of attribute accuracy and CLIP score per conditioning) and one captioned
@@ -37,23 +45,25 @@ their steps, timings), ``report.md`` (a table, what each metric means, links to 
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
 import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torch import nn
 
 from pipeline import config as configlib
 from pipeline import pictures
 from pipeline.cascade_config import EvalConfig
+from pipeline.cluster.connect import connect
+from pipeline.cluster.preflight import check_cluster_fits
 from pipeline.data.shapes import sample_scene
 from pipeline.data.shard_set import list_shards
 from pipeline.data.synth import scene_options
@@ -61,8 +71,6 @@ from pipeline.embed.sampling import MAX_SHARDS, sample_rows
 from pipeline.embed.store import (
     EmbeddingStore,
     column_array,
-    decode_image,
-    iter_shard_with_embeddings,
 )
 from pipeline.errors import UserFacingError
 from pipeline.eval import metrics
@@ -77,18 +85,17 @@ from pipeline.eval.report import (
     plot_png,
     rounded,
 )
+from pipeline.eval.workers import EvalPlan, Item, floats, run_items
+from pipeline.generate.batch import actor_gpus, actor_pool
 from pipeline.generate.cascade import (
     PRIOR,
-    Cascade,
+    CascadePlan,
     StageCheckpoint,
     check_same_clip,
     find_checkpoint,
-    load_cascade,
-    load_stage_model,
 )
 from pipeline.generate.sampling import plan_for
 from pipeline.storage import Storage, basename, is_local, join
-from unclip import generation
 
 log = logging.getLogger(__name__)
 
@@ -179,76 +186,38 @@ def heldout_prompts(
     ]
 
 
-def read_real_images(
-    storage: Storage, shards_url: str, store: EmbeddingStore, rows: StoreRows, size: int
-) -> np.ndarray | None:
-    """The rows' images (N, size, size, 3) uint8 from the source shards beside the store (one
-    pass over each tar the rows fall in), or None when any is missing there."""
-    try:
-        tars = list_shards(storage, shards_url).locator()
-    except UserFacingError as exc:
-        log.warning("no real images: %s", exc)
-        return None
-    wanted: dict[str, dict[str, int]] = {}
-    for pos, (shard, key) in enumerate(zip(rows.shards, rows.keys, strict=True)):
-        wanted.setdefault(shard, {})[key] = pos
-    images: list[np.ndarray | None] = [None] * len(rows)
-    for shard, keys in wanted.items():
-        for sample in iter_shard_with_embeddings(storage, tars, store, shard, columns=()):
-            pos = keys.get(sample["key"])
-            if pos is not None:
-                where = f"{sample['key']} of shard {shard}"
-                images[pos] = decode_image(sample["image_bytes"], size, where)
-    missing = sum(image is None for image in images)
-    if missing:
-        log.warning(
-            "%d of %d real images are not in the shards at %s", missing, len(rows), shards_url
-        )
-        return None
-    return np.stack(images)
+def real_items(rows: StoreRows) -> list[Item]:
+    """The drawn real images as work items: one per source shard, with its keys, their positions
+    in the draw and their captions (for the attribute check)."""
+    by_shard: dict[str, Item] = {}
+    for pos, (shard, key, caption) in enumerate(
+        zip(rows.shards, rows.keys, rows.captions, strict=True)
+    ):
+        item = by_shard.setdefault(shard, Item("real", shard=shard))
+        item.keys.append(key)
+        item.rows.append(pos)
+        item.prompts.append(caption)
+    return list(by_shard.values())
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading
 
 
-@dataclass
-class Prior:
-    """A loaded prior for one conditioning, with the checkpoint it came from."""
-
-    checkpoint: StageCheckpoint
-    model: nn.Module
-
-    @property
-    def kind(self) -> str:
-        return str(self.checkpoint.cfg.model.kind)
-
-
-def _label(name: str, prior: Prior | None) -> str:
+def _label(name: str, kind: str | None) -> str:
     if name == "caption":
         return "caption only"
     if name == "text_embedding":
         return "text embedding (no prior)"
-    kind = "AR" if prior is not None and prior.kind == "autoregressive" else "diffusion"
-    return f"{kind} prior" + (" (ar_prior)" if name == "ar_prior" else "")
+    prefix = "AR" if kind == "autoregressive" else "diffusion"
+    return f"{prefix} prior" + (" (ar_prior)" if name == "ar_prior" else "")
 
 
-def _local_file(storage: Storage, url: str, tmp: str) -> str:
-    """A local path for ``url``: itself when local, else a copy in ``tmp``."""
-    if is_local(url):
-        return url[len("file://") :] if url.startswith("file://") else url
-    path = os.path.join(tmp, basename(url))
-    with open(path, "wb") as handle:
-        handle.write(storage.read_bytes(url))
-    return path
-
-
-def load_inception(
-    cfg: EvalConfig, storage: Storage, device: torch.device, notes: list[str]
-) -> metrics.InceptionFeatures | None:
-    """The FID network from ``inception_weights`` (relative to root unless absolute), or None with
-    a note when the config gives none or the file is not there. A file that is there but is not
-    Inception-v3 weights is an error (before anything is generated)."""
+def inception_url(cfg: EvalConfig, storage: Storage, notes: list[str]) -> str | None:
+    """The URL of the FID network's weights, ``inception_weights`` (relative to root unless
+    absolute), or None with a note when the config gives none or the file is not there. A file
+    that is there but is not Inception-v3 weights is an error, raised here before anything is
+    generated (the file is loaded once to check it; the actors load it again)."""
     if not cfg.inception_weights:
         notes.append(
             "FID skipped: no inception_weights (a local torchvision Inception-v3 weights file, "
@@ -261,129 +230,52 @@ def load_inception(
         log.warning("FID skipped: no Inception weights at %s", url)
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return metrics.load_inception(_local_file(storage, url, tmp), device)
+        metrics.load_inception(_local_file(storage, url, tmp), "cpu")
+    return url
 
 
-def _open(cfg: EvalConfig, storage: Storage) -> tuple[Cascade, dict[str, Prior]]:
-    """Plan (check) and load the cascade with ``prior``, and ``ar_prior`` beside it."""
+def _local_file(storage: Storage, url: str, tmp: str) -> str:
+    """A local path for ``url``: itself when local, else a copy in ``tmp``."""
+    if is_local(url):
+        return url[len("file://") :] if url.startswith("file://") else url
+    path = os.path.join(tmp, basename(url))
+    with open(path, "wb") as handle:
+        handle.write(storage.read_bytes(url))
+    return path
+
+
+def _plan(cfg: EvalConfig, storage: Storage) -> tuple[CascadePlan, StageCheckpoint | None]:
+    """Plan (check, reading no weights) the cascade with ``prior``, and ``ar_prior`` beside it."""
     names = cfg.selected()
-    first = cfg.prior if "prior" in names else None
-    plan = plan_for(cfg, storage, first)
+    plan = plan_for(cfg, storage, cfg.prior if "prior" in names else None)
     second = None
     if "ar_prior" in names:
         second = find_checkpoint(storage, cfg.url(cfg.ar_prior), PRIOR, "ar_prior")
         check_same_clip(second, plan.decoder)
-    cascade = load_cascade(plan, storage, cfg.device)
-    priors = {}
-    if plan.prior is not None:
-        priors["prior"] = Prior(plan.prior, cascade.prior)
-    if second is not None:
-        priors["ar_prior"] = Prior(second, load_stage_model(storage, second, cascade.device))
-    return cascade, priors
+    return plan, second
 
 
-def _store(cfg: EvalConfig, storage: Storage, cascade: Cascade) -> EmbeddingStore:
+def _store(cfg: EvalConfig, storage: Storage, plan: CascadePlan) -> EmbeddingStore:
     """The store to draw prompts and real images from; its CLIP must be the cascade's."""
-    url = cfg.url(cfg.store) if cfg.store else cascade.plan.decoder.info.get("store")
+    url = cfg.url(cfg.store) if cfg.store else plan.decoder.info.get("store")
     if not url:
         raise UserFacingError(
-            f"the decoder {cascade.plan.decoder.url} does not record its embedding store: set store"
+            f"the decoder {plan.decoder.url} does not record its embedding store: set store"
         )
     store = EmbeddingStore(storage, url)
     if not store.exists():
         raise UserFacingError(f"no embedding store at {url} (config key: store)")
     found = store.manifest()["clip"]["id"]
-    if found != cascade.plan.clip_id:
+    if found != plan.clip_id:
         raise UserFacingError(
             f"the embedding store at {url} was made by {found!r}, but the cascade reads "
-            f"embeddings of {cascade.plan.clip_id!r}: give the decoder's store (config key: store)"
+            f"embeddings of {plan.clip_id!r}: give the decoder's store (config key: store)"
         )
     return store
 
 
 # ----------------------------------------------------------------------------------------------
 # Generating and scoring one conditioning
-
-
-@dataclass
-class Generated:
-    """One conditioning's images for every row, and their features."""
-
-    final: np.ndarray  # (N, H, W, 3) uint8
-    decoder: np.ndarray  # (N, S, S, 3) uint8, the decoder's output
-    clip_emb: np.ndarray  # (N, D) float32, unit norm
-    seconds: dict[str, float]
-
-
-def _as_pil(pixels: np.ndarray) -> list[Any]:
-    from PIL import Image
-
-    return [Image.fromarray(p) for p in pixels]
-
-
-def generate_rows(
-    cascade: Cascade,
-    cfg: EvalConfig,
-    conditioning: str,
-    prior: Prior | None,
-    text_emb: torch.Tensor,
-    tokens: torch.Tensor,
-) -> Generated:
-    """Images of every row with one conditioning, ``cfg.batch_size`` rows at a time from one
-    generator seeded by ``cfg.seed`` (chunked as ``unclip sample`` does), and their CLIP image
-    embeddings (of the uint8 images, as a saved PNG would be encoded)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    temperature = cfg.temperature if prior is not None and prior.kind == "autoregressive" else None
-    mode = "prior" if conditioning in ("prior", "ar_prior") else conditioning
-    finals, lows, embs = [], [], []
-    spent = {"generate": 0.0, "clip": 0.0}
-    for start in range(0, text_emb.shape[0], cfg.batch_size):
-        rows = slice(start, start + cfg.batch_size)
-        began = time.perf_counter()
-        result = generation.generate(
-            text_emb[rows],
-            tokens[rows],
-            decoder=cascade.decoder,
-            prior=prior.model if prior is not None else None,
-            upsamplers=cascade.upsamplers,
-            conditioning=mode,
-            prior_guidance=cfg.prior_guidance,
-            prior_steps=cfg.prior_steps,
-            num_candidates=cfg.num_candidates,
-            temperature=temperature,
-            decoder_guidance=cfg.decoder_guidance,
-            decoder_steps=cfg.decoder_steps,
-            upsampler_steps=cfg.upsampler_steps,
-            generator=generator,
-        )
-        finals.append(pictures.to_uint8(result.final))
-        lows.append(pictures.to_uint8(result.images[0]))
-        encoded = time.perf_counter()
-        embs.append(cascade.encode_images(_as_pil(finals[-1])).cpu().numpy())
-        spent["generate"] += encoded - began
-        spent["clip"] += time.perf_counter() - encoded
-    return Generated(np.concatenate(finals), np.concatenate(lows), np.concatenate(embs), spent)
-
-
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _inception(
-    inception: metrics.InceptionFeatures, images: np.ndarray, batch_size: int
-) -> np.ndarray:
-    """Inception features of (N, H, W, 3) uint8 images, converted to floats ``batch_size`` at a
-    time: ``num_real`` (2000) real images at 1024 px as one float tensor would take 25 GB."""
-    parts = [
-        metrics.inception_features(inception, _pixels(images[i : i + batch_size]), batch_size)
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(parts) if parts else np.zeros((0, metrics.INCEPTION_FEATURE_DIM))
-
-
-def _attributes(images: np.ndarray, captions: Sequence[str]) -> dict[str, Any]:
-    return metrics.attribute_accuracy(list(images), list(captions))
 
 
 def _frechet(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
@@ -400,61 +292,124 @@ def sample_counts(
     sets: Sequence[PromptSet],
     per: int,
     real: StoreRows,
-    real_images: np.ndarray | None,
+    real_decoded: int | None,
     with_fid: bool,
 ) -> dict[str, Any]:
     """How many samples each figure rests on (``report.json``'s ``samples``; ``report.md`` says
     it in words): per prompt set, prompts × images per prompt (a conditioning's CLIP score and
     attribute accuracy); for FD (CLIP) and FID, the first set's generated images against the
     real ones (FID: None when not computed); the real row's images (and how many were decoded
-    from the source tars), and the store files (each one source shard) they were drawn from. A figure on a few dozen images is noise: the
-    counts say how far to trust a difference."""
+    from the source tars), and the store files (each one source shard) they were drawn from. A
+    figure on a few dozen images is noise: the counts say how far to trust a difference."""
     first = len(sets[0].prompts) * per
     return {
         "per_prompt": per,
         "sets": {s.name: {"prompts": len(s.prompts), "images": len(s.prompts) * per} for s in sets},
         "fd_clip": {"generated": first, "real": len(real)},
-        "fid": {"generated": first, "real": len(real_images)}
-        if with_fid and real_images is not None
+        "fid": {"generated": first, "real": real_decoded}
+        if with_fid and real_decoded is not None
         else None,
         "real": len(real),
-        "real_images_decoded": None if real_images is None else len(real_images),
+        "real_images_decoded": real_decoded,
         "store_files": len(set(real.shards)),
     }
 
 
 def _set_metrics(
-    images: np.ndarray,
-    low: np.ndarray | None,
+    attributes: Sequence[dict[str, Any]] | None,
+    decoder: Sequence[dict[str, Any]] | None,
     clip_emb: np.ndarray,
     text_emb: np.ndarray,
-    prompts: Sequence[str],
 ) -> dict[str, Any]:
+    """A prompt set's figures from its rows' attribute checks (final and decoder images, each
+    :func:`pipeline.eval.metrics.attribute_row`) and CLIP embeddings."""
     out: dict[str, Any] = {
-        "images": len(prompts),
-        "clip_score": metrics.clip_score(clip_emb, text_emb) if len(prompts) else None,
-        "attributes": _attributes(images, prompts) if images is not None else None,
+        "images": len(clip_emb),
+        "clip_score": metrics.clip_score(clip_emb, text_emb) if len(clip_emb) else None,
+        "attributes": metrics.attribute_totals(attributes) if attributes is not None else None,
     }
-    if low is not None:
-        out["attributes_decoder"] = _attributes(low, prompts)
+    if decoder is not None:
+        out["attributes_decoder"] = metrics.attribute_totals(decoder)
     return out
 
 
 def _grid(
-    gen: Generated, sets: Sequence[PromptSet], spans: dict[str, slice], per: int, cfg: EvalConfig
+    shown: dict[int, np.ndarray], sets: Sequence[PromptSet], spans: dict[str, slice], per: int
 ) -> bytes:
-    """One row per prompt (its samples) under the prompt; small images are enlarged (nearest) so
-    that a row is at least :data:`GRID_WIDTH` pixels wide and its caption readable."""
-    side = gen.final.shape[1]
+    """One row per prompt (its samples) under the prompt, from the rows a grid shows; small
+    images are enlarged (nearest) so that a row is at least :data:`GRID_WIDTH` pixels wide and its
+    caption readable."""
+    side = next(iter(shown.values())).shape[0]
     scale = max(1, math.ceil(GRID_WIDTH / (per * side)))
-    images = gen.final.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else gen.final
     rows, captions = [], []
     for prompt_set in sets:
         first = spans[prompt_set.name].start
-        for i, prompt in enumerate(prompt_set.prompts[: cfg.grid_prompts]):
-            rows.append(list(images[first + i * per : first + (i + 1) * per]))
+        for i, prompt in enumerate(prompt_set.prompts):
+            wanted = range(first + i * per, first + (i + 1) * per)
+            if wanted[0] not in shown:
+                break
+            images = [shown[r] for r in wanted]
+            if scale > 1:
+                images = [image.repeat(scale, axis=0).repeat(scale, axis=1) for image in images]
+            rows.append(images)
             captions.append(("held-out: " if prompt_set.name == HELDOUT else "") + prompt)
     return pictures.captioned_grid(rows, captions)
+
+
+@dataclass
+class Scored:
+    """What the actors returned for one conditioning (rows in row order), or for the real
+    images (positions in the draw)."""
+
+    text_emb: np.ndarray
+    clip_emb: np.ndarray
+    inception: dict[int, np.ndarray] = field(default_factory=dict)
+    attributes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    decoder: dict[int, dict[str, Any]] = field(default_factory=dict)
+    shown: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def attribute_rows(self, span: slice, decoder: bool = False) -> list[dict[str, Any]]:
+        source = self.decoder if decoder else self.attributes
+        return [source[r] for r in range(span.start, span.stop)]
+
+    def features(self, span: slice) -> np.ndarray | None:
+        rows = range(span.start, span.stop)
+        if not all(r in self.inception for r in rows):
+            return None
+        return np.stack([self.inception[r] for r in rows])
+
+
+def collect(
+    tables: Any, names: Sequence[str], rows: int, real: int, dim: int
+) -> tuple[dict[str, Scored], Scored, str]:
+    """The actors' rows (:data:`pipeline.eval.workers.COLUMNS`), by conditioning and for the real
+    images, and the device they ran on."""
+    from PIL import Image
+
+    gen = {
+        n: Scored(np.zeros((rows, dim), np.float32), np.zeros((rows, dim), np.float32))
+        for n in names
+    }
+    reals = Scored(np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32))
+    device = "cpu"
+    for table in tables:
+        for row in table.to_pylist():
+            device = row["device"]
+            scored = gen[row["conditioning"]] if row["kind"] == "gen" else reals
+            r = int(row["row"])
+            if row["kind"] == "gen":
+                scored.text_emb[r] = floats(row["text_emb"], dim)[0]
+                scored.clip_emb[r] = floats(row["clip_emb"], dim)[0]
+                scored.decoder[r] = json.loads(row["attributes_decoder"])
+                if row["png"]:
+                    scored.shown[r] = np.asarray(Image.open(io.BytesIO(row["png"])).convert("RGB"))
+            scored.attributes[r] = json.loads(row["attributes"])
+            if row["inception"]:
+                scored.inception[r] = floats(row["inception"], metrics.INCEPTION_FEATURE_DIM)[0]
+            for key in ("generate_s", "clip_s", "inception_s"):
+                scored.seconds[key] = scored.seconds.get(key, 0.0) + float(row[key])
+    return gen, reals, device
 
 
 def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
@@ -465,10 +420,10 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
     storage = storage or Storage(cfg.storage)
     began = time.perf_counter()
     notes: list[str] = []
-    cascade, priors = _open(cfg, storage)
-    store = _store(cfg, storage, cascade)
-    inception = load_inception(cfg, storage, cascade.device, notes)
-    timings: dict[str, Any] = {"load": time.perf_counter() - began}
+    plan, ar_prior = _plan(cfg, storage)
+    store = _store(cfg, storage, plan)
+    weights = inception_url(cfg, storage, notes)
+    timings: dict[str, Any] = {"plan": time.perf_counter() - began}
 
     # Prompts, and the real images the distances compare with
     started = time.perf_counter()
@@ -505,31 +460,79 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
     for prompt_set in sets:
         spans[prompt_set.name] = slice(first, first + len(prompt_set.prompts) * per)
         first = spans[prompt_set.name].stop
-    encoded = [
-        cascade.encode_text(row_prompts[i : i + cfg.batch_size])
-        for i in range(0, len(row_prompts), cfg.batch_size)
+    first_rows = spans[TRAIN]
+    shown = {
+        spans[s.name].start + i
+        for s in sets
+        for i in range(min(cfg.grid_prompts, len(s.prompts)) * per)
+    }
+    tars = None
+    if shards_url:
+        try:
+            tars = list_shards(storage, shards_url).locator()
+        except UserFacingError as exc:
+            log.warning("no real images: %s", exc)
+
+    # The work: every conditioning's rows in cascade calls, and the real images by shard
+    names = cfg.selected()
+    items = [
+        Item(
+            "gen",
+            name,
+            rows=list(range(start, min(start + cfg.batch_size, len(row_prompts)))),
+            prompts=row_prompts[start : start + cfg.batch_size],
+        )
+        for name in names
+        for start in range(0, len(row_prompts), cfg.batch_size)
     ]
-    text_emb = torch.cat([e for e, _ in encoded])
-    tokens = torch.cat([t for _, t in encoded])
-    text_np = text_emb.cpu().numpy()
-    side = cascade.resolutions[-1]
-    real_images = read_real_images(storage, shards_url, store, real, side) if shards_url else None
-    if real_images is None:
+    for item in items:
+        item.inception = [weights is not None and r < first_rows.stop for r in item.rows]
+        item.grid = [r in shown for r in item.rows]
+    if tars is not None:
+        items += real_items(real)
+    eval_plan = EvalPlan(cfg, plan, ar_prior, weights, store.url, tars)
+    connect(cfg.ray)
+    gpus = actor_gpus(cfg)
+    check_cluster_fits("eval", "evaluation actors", actor_pool(cfg, gpus))
+    log.info(
+        "eval: %d conditionings × %d rows and %d real images with %d actor(s) (%g GPU each)",
+        len(names),
+        len(row_prompts),
+        len(real) if tars is not None else 0,
+        cfg.concurrency,
+        gpus,
+    )
+    timings["prompts_and_real_images"] = time.perf_counter() - started
+    started = time.perf_counter()
+    dim = int(store.manifest()["embed_dim"])
+    gen, reals, device = collect(
+        run_items(eval_plan, items, storage, gpus), names, len(row_prompts), len(real), dim
+    )
+    timings["generate_and_score"] = time.perf_counter() - started
+
+    real_decoded = len(reals.attributes) if tars is not None else None
+    complete = real_decoded == len(real)
+    if not complete:
         notes.append(
             f"the real images are not all in the source shards ({shards_url}; config key: "
             "shards): no FID and no attribute accuracy of real images"
         )
-    real_features = None
-    if inception is not None and real_images is not None:
-        real_features = _inception(inception, real_images, cfg.batch_size)
+    real_features = reals.features(slice(0, len(real))) if complete and weights else None
     real_entry = {
         "label": "real images (reference)",
         "images": len(real),
         "sets": {
-            TRAIN: _set_metrics(real_images, None, real.image_emb, real.text_emb, real.captions)
+            TRAIN: _set_metrics(
+                reals.attribute_rows(slice(0, len(real))) if complete else None,
+                None,
+                real.image_emb,
+                real.text_emb,
+            )
         },
     }
-    samples = sample_counts(sets, per, real, real_images, real_features is not None)
+    samples = sample_counts(
+        sets, per, real, real_decoded if complete else None, real_features is not None
+    )
     generated = samples["sets"][TRAIN]["images"]
     if generated <= real.image_emb.shape[1]:
         notes.append(
@@ -538,62 +541,55 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
             "figure is biased upwards; compare conditionings with each other (raise num_prompts "
             "or samples_per_prompt for a steadier one)"
         )
-    timings["prompts_and_real_images"] = time.perf_counter() - started
 
     # Each conditioning
     output = cfg.url(cfg.output)
     entries: dict[str, dict[str, Any]] = {}
     grid_urls: dict[str, str] = {}
     timings["conditionings"] = {}
-    first_rows = spans[TRAIN]
-    for name in cfg.selected():
-        prior = priors.get(name)
-        log.info("eval: %s on %d rows", name, len(row_prompts))
-        gen = generate_rows(cascade, cfg, name, prior, text_emb, tokens)
-        seconds = dict(gen.seconds)
+    kinds = {"prior": plan.prior, "ar_prior": ar_prior}
+    for name in names:
+        scored = gen[name]
         started = time.perf_counter()
-        fid = None
-        if real_features is not None:
-            features = _inception(inception, gen.final[first_rows], cfg.batch_size)
-            fid = _frechet(features, real_features)
-        seconds["inception"] = time.perf_counter() - started
-        started = time.perf_counter()
+        checkpoint = kinds.get(name)
+        kind = str(checkpoint.cfg.model.kind) if checkpoint is not None else None
         entry = {
-            "label": _label(name, prior),
-            "checkpoint": prior.checkpoint.describe() if prior is not None else None,
-            "prior_kind": prior.kind if prior is not None else None,
-            "fd_clip": _frechet(gen.clip_emb[first_rows], real.image_emb),
-            "fid": fid,
+            "label": _label(name, kind),
+            "checkpoint": checkpoint.describe() if checkpoint is not None else None,
+            "prior_kind": kind,
+            "fd_clip": _frechet(scored.clip_emb[first_rows], real.image_emb),
+            "fid": _frechet(scored.features(first_rows), real_features),
             "sets": {
                 s.name: _set_metrics(
-                    gen.final[spans[s.name]],
-                    gen.decoder[spans[s.name]],
-                    gen.clip_emb[spans[s.name]],
-                    text_np[spans[s.name]],
-                    row_prompts[spans[s.name]],
+                    scored.attribute_rows(spans[s.name]),
+                    scored.attribute_rows(spans[s.name], decoder=True),
+                    scored.clip_emb[spans[s.name]],
+                    scored.text_emb[spans[s.name]],
                 )
                 for s in sets
             },
             "grid": f"grid_{name}.png",
         }
-        seconds["metrics"] = time.perf_counter() - started
         grid_urls[name] = join(output, entry["grid"])
-        storage.write_bytes(grid_urls[name], _grid(gen, sets, spans, per, cfg))
+        storage.write_bytes(grid_urls[name], _grid(scored.shown, sets, spans, per))
         entries[name] = entry
-        timings["conditionings"][name] = seconds
+        timings["conditionings"][name] = {
+            **scored.seconds,
+            "metrics": time.perf_counter() - started,
+        }
 
     # The report
-    checkpoints = cascade.plan.describe()
-    if "ar_prior" in priors:
-        checkpoints["ar_prior"] = priors["ar_prior"].checkpoint.describe()
+    checkpoints = plan.describe()
+    if ar_prior is not None:
+        checkpoints["ar_prior"] = ar_prior.describe()
     timings["total"] = time.perf_counter() - began
     report = json_safe(
         {
             "command": "eval",
             "config": configlib.to_dict(cfg),
             "checkpoints": checkpoints,
-            "device": str(cascade.device),
-            "resolutions": cascade.resolutions,
+            "device": device,
+            "resolutions": plan.resolutions,
             "prompts": {s.name: s.prompts for s in sets},
             "prompt_sources": {s.name: s.source for s in sets},
             "real": {**real_entry, "keys": real.keys, "shards": shards_url},

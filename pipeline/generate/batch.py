@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cascade_config import GenerateConfig
+from pipeline.cascade_config import CascadeActors, GenerateConfig
 from pipeline.cluster.preflight import ActorPool, check_cluster_fits
 from pipeline.cluster.watchdog import iter_until_stalled
 from pipeline.errors import UserFacingError
@@ -429,7 +429,8 @@ class CascadeGenerator:
         return {"key": np.asarray(keys, dtype=object)}
 
 
-def _gpus(cfg: GenerateConfig) -> float:
+def actor_gpus(cfg: CascadeActors) -> float:
+    """GPUs per cascade actor: ``gpus_per_actor``, or 1 when the cluster has GPUs, else 0."""
     import ray
 
     if cfg.gpus_per_actor is not None:
@@ -437,8 +438,8 @@ def _gpus(cfg: GenerateConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def actor_pool(cfg: GenerateConfig, gpus: float) -> ActorPool:
-    """What the generator pool asks of the cluster, ``gpus`` per actor (:func:`_gpus`). No CPU
+def actor_pool(cfg: CascadeActors, gpus: float) -> ActorPool:
+    """What the generator pool asks of the cluster, ``gpus`` per actor (:func:`actor_gpus`). No CPU
     is kept for reading: the batches are in memory (``from_items``), with no read tasks to feed
     the pool."""
     auto = cfg.gpus_per_actor is None
@@ -522,7 +523,7 @@ def run_generate(cfg: GenerateConfig, storage: Storage | None = None) -> dict[st
         }
 
     connect(cfg.ray)
-    gpus = _gpus(cfg)
+    gpus = actor_gpus(cfg)
     check_cluster_fits("generate", "generator actors", actor_pool(cfg, gpus))
     if old != manifest:  # a new job, or one that never finished a row (module docstring)
         storage.write_json(join(output, MANIFEST), manifest)
