@@ -6,6 +6,11 @@ entry in :data:`jobs.commands.COMMANDS` says everything else, so ``unclip <comma
 loaded and checked before the command asks Ray for anything; a bad config is one ``error:`` line
 and exit status 2.
 
+The terminal is quiet unless ``--verbose`` (:mod:`pipeline.logs`): progress lines, warnings, the
+command's summary. Everything else goes to the run's log file, ``<root>/logs/<command>-<UTC
+stamp>.log``, which the command line names after the run (``log: ...``, unless the command's own
+summary named it) and at the end of an error line (``(full log: ...)``).
+
 A command may also take positional inputs (:class:`jobs.commands.Inputs`: ``unclip sample "a red
 circle"``, ``unclip interpolate a.png b.png``): every positional argument that is not a
 ``key=value`` override is one, and together they set one config key, as an override would.
@@ -26,6 +31,7 @@ from typing import Any
 import pipeline
 from jobs.commands import COMMANDS, Command
 from pipeline import config as configlib
+from pipeline import logs
 from pipeline.errors import UserFacingError
 from pipeline.storage import StorageError
 
@@ -73,7 +79,13 @@ def build_parser(command: Command, prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--help-config", action="store_true", help="list every config key with its default"
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="debug logging, and Ray's own output (its loggers, progress bars and the workers' "
+        "output) on the terminal; quiet runs keep them in the run's log file",
+    )
     for flag, override, text in command.flags:
         if "{text}" in override:
             parser.add_argument(
@@ -139,6 +151,8 @@ def describe_config(config_cls: type) -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Every record at INFO (DEBUG when ``verbose``) on the terminal: ``unclip submit``'s logging
+    (a command run by :func:`run_stage` is set up by :func:`pipeline.logs.setup`)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -157,24 +171,37 @@ def run_stage(command: Command, argv: Sequence[str] | None = None, prog: str | N
     if args.help_config:
         print(f"{prog}: config keys\n{describe_config(command.config_cls)}")
         return 0
-    setup_logging(args.verbose)
+    logs.setup(args.verbose)
     try:
         cfg = load_stage_config(command, args.config, stage_overrides(command, args))
     except configlib.ConfigError as exc:
+        logs.close()
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if args.check or command.run is None:
+        logs.close()
         print(configlib.dumps(cfg), end="")
         return 0
+    run_log = logs.open_run_log(cfg, command.name)
+    error: Exception | None = None
     try:
-        result = command.runner(command.name, cfg)
+        status = int(command.runner(command.name, cfg) or 0)
     except configlib.ConfigError as exc:  # a config the command reads in turn (quickstart)
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        status, error = 2, exc
     except (UserFacingError, StorageError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    return int(result or 0)
+        status, error = 1, exc
+    except BaseException:  # a crash: its traceback follows, and the log is named first
+        where = logs.close()
+        if where:
+            print(f"{prog}: full log: {where}", file=sys.stderr)
+        raise
+    where = logs.close()
+    if error is not None:
+        suffix = f" (full log: {where})" if where else ""
+        print(f"{prog}: error: {error}{suffix}", file=sys.stderr)
+    elif where and not (run_log is not None and run_log.named):
+        print(f"log: {where}")
+    return status
 
 
 def main_of(name: str) -> Callable[..., int]:

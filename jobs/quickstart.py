@@ -2,7 +2,9 @@
 
 Local storage under ``runs/quickstart``, a local Ray, the tiny config of every stage: synthetic
 data, CLIP, embeddings, prior, decoder, upsampler, samples for the sample config's prompts, and the
-evaluation report. It prints where the grid and the report are.
+evaluation report. It prints where the grid, the report and the run's log file are (the log holds
+what the quiet terminal leaves out: Ray's and Ray Data's own lines, and where Ray keeps the
+workers' output).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from jobs.commands import stages
 from jobs.entry import CONFIG_DIR, main_of
 from pipeline import config as configlib
+from pipeline import logs
 from pipeline.cluster.connect import connect
 from pipeline.stage_config import StageConfig
 from pipeline.storage import Storage, join
@@ -89,6 +92,7 @@ def run(name: str, cfg: QuickstartConfig) -> int:
 
     def stage(title: str, line: str) -> None:
         report.append((title, line))
+        logs.end_status()
         print(
             f"\n=== quickstart: {title} done ({time.time() - started:.0f} s): {line}\n", flush=True
         )
@@ -126,6 +130,11 @@ def run(name: str, cfg: QuickstartConfig) -> int:
         f"colour {_percent(headline.get('color'))}, shape {_percent(headline.get('shape'))} "
         f"(diffusion prior, training-like captions): {evaluation['markdown']}",
     )
+    log_url = logs.announce()
+    if log_url:
+        report.append(
+            ("log", f"{log_url} (Ray's and Ray Data's own lines, and where the workers' logs are)")
+        )
     width = max(len(name) for name, _ in report)
     lines = "\n".join(f"  {name:<{width}}  {text}" for name, text in report)
     print(f"\nunclip quickstart finished in {time.time() - started:.0f} s\n{lines}\n")

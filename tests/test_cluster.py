@@ -44,7 +44,8 @@ def test_joins_cluster(monkeypatch, address, ray_address, joins) -> None:
 
 
 def _synth(root: Path, env: dict[str, str], *overrides: str) -> str:
-    """Run ``python -m jobs.synth`` (8 tiny images in 2 shards); returns its log."""
+    """Run ``python -m jobs.synth`` (8 tiny images in 2 shards); returns its log: the terminal's
+    stderr and the run's log file under ``<root>/logs/`` (the quiet terminal leaves INFO to it)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -64,7 +65,9 @@ def _synth(root: Path, env: dict[str, str], *overrides: str) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "synth: 8 images in 2 shards" in proc.stdout, proc.stdout
-    return proc.stderr
+    files = sorted((root / "logs").glob("synth-*.log"))
+    assert len(files) == 1 and f"log: {files[0]}" in proc.stdout, proc.stdout
+    return proc.stderr + files[0].read_text()
 
 
 def _drivers(head) -> list[str]:

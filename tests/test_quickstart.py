@@ -39,6 +39,17 @@ def test_quickstart_runs_every_stage(ray_local, tmp_path, capsys) -> None:
     assert set(report["order"]) == {"caption", "text_embedding", "prior"}
     assert f"(diffusion prior, training-like captions): {root}/eval/report.md" in out
     assert "| diffusion prior |" in storage.read_text(join(root, "eval", "report.md"))
+    # the summary names the run's log, which holds what the quiet terminal left out
+    named = re.search(r"^  log +(\S+) \(Ray's", out, re.MULTILINE)
+    assert named and named[1].startswith(f"{root}/logs/quickstart-"), out
+    assert "\nlog: " not in out  # named once, by the summary
+    text = storage.read_text(named[1])
+    assert "Starting execution of Dataset" in text  # Ray Data's own lines
+    assert "Ray's own logs on this node" in text
+    assert "argument ``concurrency`` is deprecated" not in text
+    for run in ("clip", "prior", "decoder", "upsampler-256"):  # what the progress lines read
+        progress = storage.read_json(join(root, "checkpoints", run, "progress.json"))
+        assert progress["step"] == progress["steps"] == 10
 
 
 def test_quickstart_refuses_a_bad_config_before_starting(capsys) -> None:

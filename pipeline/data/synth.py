@@ -1,6 +1,7 @@
 """The captioned-shapes dataset as webdataset shards, generated in parallel on Ray.
 
-Each shard is a Ray Data task (so the usual progress bar shows), each image a deterministic function
+Each shard is a Ray Data task, counted in the stage's progress line (:mod:`pipeline.progress`) as
+its row comes back to the driver, each image a deterministic function
 of the seed and its index (``pipeline.data.shapes``), so the same config gives the same bytes whatever the
 parallelism. A rerun skips complete shards; a rerun with a different config is refused rather than
 mixed into the same folder.
@@ -20,6 +21,7 @@ from PIL import Image
 from pipeline.data.shapes import render, sample_scene
 from pipeline.data.shards import ShardWriter, completed_shards, sample_key
 from pipeline.errors import UserFacingError
+from pipeline.progress import Progress
 from pipeline.stage_config import SynthConfig
 from pipeline.storage import Storage, join
 
@@ -144,7 +146,15 @@ def generate(cfg: SynthConfig, storage: Storage | None = None) -> dict[str, Any]
             return {"id": row["id"], "count": stats["count"]}
 
         shards = ray.data.from_items([{"id": i} for i in todo], override_num_blocks=len(todo))
-        shards.map(make, num_cpus=1).materialize()
+        progress = Progress("synth", len(todo), "shards")
+        progress.update(0)
+        images = 0
+        try:
+            for done, row in enumerate(shards.map(make, num_cpus=1).iter_rows(), 1):
+                images += int(row["count"])
+                progress.update(done, f"{images} images")
+        finally:
+            progress.close()
     elapsed = time.time() - started
     made = sum(
         min(cfg.samples_per_shard, cfg.num_samples - i * cfg.samples_per_shard) for i in todo

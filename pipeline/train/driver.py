@@ -7,25 +7,32 @@ shuffle, and checkpoint layout: DDP or FSDP), else the run is refused with the k
 run's config is saved beside its checkpoints and a ``TorchTrainer`` runs ``pipeline.train.loop``
 with the stage's data source (the workers read their own rows), a ``RunConfig`` named
 after the run on the shared storage (so rerunning the same command resumes from the latest
-checkpoint), checkpoints kept and ``FailureConfig``.
+checkpoint), checkpoints kept and ``FailureConfig``. While it trains, a thread reads the run's
+``progress.json`` (rank 0 writes it) into the stage's progress line (:mod:`pipeline.progress`):
+the workers' own output is not forwarded to a quiet command's terminal.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from typing import Any
 
 from pipeline import config as configlib
 from pipeline.cluster.connect import connect
 from pipeline.errors import UserFacingError
+from pipeline.progress import Progress
 from pipeline.storage import Storage, join, parent
 from pipeline.train import checkpoints
 from pipeline.train.feed import data_streams
-from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.loop import PROGRESS_FILE, train_loop_per_worker
 from pipeline.train.stages import STAGES
 
 log = logging.getLogger(__name__)
+
+PROGRESS_POLL_S = 5.0
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -47,12 +54,13 @@ def _value(cfg: Any, key: str) -> Any:
     return data_streams(cfg) if key == "train.data_streams" else _get(cfg, key)
 
 
-def check_compatible(stage: str, cfg: Any, storage: Storage) -> None:
-    """Refuse to resume a run whose latest checkpoint was trained with an incompatible config."""
+def check_compatible(stage: str, cfg: Any, storage: Storage) -> int:
+    """Refuse to resume a run whose latest checkpoint was trained with an incompatible config;
+    return that checkpoint's step (0 for a new run)."""
     spec = STAGES[stage]
     found = checkpoints.list_checkpoints(storage, cfg.run_url())
     if not found:
-        return
+        return 0
     step, url = found[-1]
     text = storage.read_text(join(url, "config.yaml"))
     saved = configlib.from_dict(spec.config_cls, configlib.read_yaml_text(text), source=url)
@@ -71,6 +79,30 @@ def check_compatible(stage: str, cfg: Any, storage: Storage) -> None:
             f"run {cfg.run_url()} was trained to step {step} with another config ({details}); "
             "use another run name (run=...) to start afresh, or restore those settings to resume"
         )
+    return step
+
+
+def watch_progress(
+    storage: Storage,
+    run_url: str,
+    attempt: str,
+    progress: Progress,
+    stop: threading.Event,
+    every_s: float = PROGRESS_POLL_S,
+) -> None:
+    """Until ``stop`` is set: every ``every_s`` seconds, feed ``progress`` from the run's
+    ``progress.json`` when this ``attempt`` wrote it (a file an earlier run left is ignored). What
+    cannot be read now (not written yet, storage busy) is tried again next time: the line is only
+    a display, never a reason to fail."""
+    url = join(run_url, PROGRESS_FILE)
+    while not stop.wait(every_s):
+        try:
+            data = storage.read_json(url)
+            if data.get("attempt") != attempt:
+                continue
+            progress.update(int(data["step"]), f"loss {data['loss']:.4f}", eta_s=data["eta_s"])
+        except Exception as exc:  # a display: see the docstring
+            log.debug("progress of %s not read: %s", run_url, exc)
 
 
 def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[str, Any]:
@@ -82,7 +114,7 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
     storage = storage or Storage(cfg.storage)
     run_url = cfg.run_url()
     storage.check(run_url, write=True)
-    check_compatible(stage, cfg, storage)
+    resumed = check_compatible(stage, cfg, storage)
     connect(cfg.ray)
     source, info = spec.prepare(cfg, storage)
     storage.write_text(join(run_url, "config.yaml"), configlib.dumps(cfg))
@@ -91,9 +123,16 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
+    attempt = uuid.uuid4().hex
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": stage, "cfg": cfg, "info": info, "source": source},
+        train_loop_config={
+            "stage": stage,
+            "cfg": cfg,
+            "info": info,
+            "source": source,
+            "attempt": attempt,
+        },
         scaling_config=ScalingConfig(
             num_workers=(
                 cfg.scaling.worker_range if cfg.scaling.elastic else cfg.scaling.num_workers
@@ -110,12 +149,33 @@ def run_training(stage: str, cfg: Any, storage: Storage | None = None) -> dict[s
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
+    end_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    progress = Progress(stage, end_step, "steps", start=resumed)
+    stop = threading.Event()
+    watcher = None
+    if resumed < end_step:
+        progress.update(resumed, "starting workers")
+        watcher = threading.Thread(
+            target=watch_progress,
+            args=(storage, run_url, attempt, progress, stop),
+            name=f"{stage}-progress",
+            daemon=True,
+        )
+        watcher.start()
     started = time.time()
     try:
         result = trainer.fit()
     except Exception as exc:
+        progress.close()
         raise UserFacingError(f"{stage} run {run_url} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=PROGRESS_POLL_S)
     metrics = dict(result.metrics or {})
+    if watcher is not None and metrics.get("step") is not None and metrics.get("loss") is not None:
+        progress.update(int(metrics["step"]), f"loss {metrics['loss']:.4f}", eta_s=0)
+    progress.close()
     found = checkpoints.list_checkpoints(storage, run_url)
     if metrics.get("step") is not None and (not found or found[-1][0] != metrics["step"]):
         raise UserFacingError(

@@ -8,7 +8,9 @@ steps on the rows of its data streams (:mod:`pipeline.train.feed`: the same glob
 same order, on any number of workers), gradient accumulation, bf16 autocast on GPU (or fp16 by
 config, with a gradient scaler that skips steps whose gradients overflow), gradient clipping, AdamW
 with warm-up then decay, EMA. Every ``log_every`` steps it reports loss, learning rate, samples/s,
-step time and ETA (printed by rank 0, written for TensorBoard); every ``checkpoint.every_steps`` and
+step time and ETA (logged by rank 0, written for TensorBoard, and the step, loss and ETA written to
+``<run>/progress.json``, at most every few seconds, for the driver's progress line: a quiet command
+does not forward the workers' output); every ``checkpoint.every_steps`` and
 at the end rank 0 writes a checkpoint with a grid of EMA samples and the loss curve, reported to Ray
 Train with that step's metrics (under FSDP every rank first uploads its shards of the model,
 optimizer and EMA, and rank 0 adds the EMA gathered whole, for sampling; a resumed FSDP run reads
@@ -26,6 +28,7 @@ uninterrupted one would have: an elastic run restarted on more or fewer workers 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import posixpath
 import shutil
@@ -38,11 +41,18 @@ from torch import nn
 
 from pipeline import config as configlib
 from pipeline.pictures import loss_curve_png
-from pipeline.storage import Storage, join
+from pipeline.storage import Storage, StorageError, join
 from pipeline.train import checkpoints
 from pipeline.train.feed import Feed
 from pipeline.train.stages import STAGES, StageSpec
 from unclip.ema import EMA
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+"""``<run>/progress.json``: ``{attempt, step, steps, loss, eta_s}`` of the running training, written
+by rank 0 (see :func:`write_progress`) and read by the driver's progress line."""
+PROGRESS_EVERY_S = 2.0  # at most this often, and at the last step: one small write each
 
 
 class LossOf(nn.Module):
@@ -255,6 +265,15 @@ def _restore_ema(
     )
 
 
+def write_progress(storage: Storage, run_url: str, progress: dict[str, Any]) -> None:
+    """Write ``progress.json``; a failed write is logged, never the run's failure (it is only
+    what the driver shows)."""
+    try:
+        storage.write_json(join(run_url, PROGRESS_FILE), progress)
+    except StorageError as exc:
+        log.warning("progress not written: %s", exc)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -311,13 +330,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state=state,
         )
     if resumed is not None and rank == 0:
-        print(f"[{spec.name}] resumed at step {state['step']} from {resumed.path}", flush=True)
+        log.info("[%s] resumed at step %d from %s", spec.name, state["step"], resumed.path)
     # [step, workers] whenever the count changes: an elastic run's restarts on more or fewer
     state.setdefault("workers", [])
     if not state["workers"] or state["workers"][-1][1] != world:
         state["workers"].append([state["step"], world])
         if rank == 0 and len(state["workers"]) > 1:
-            print(f"[{spec.name}] {world} workers from step {state['step']}", flush=True)
+            log.info("[%s] %d workers from step %d", spec.name, world, state["step"])
 
     wrapped = LossOf(model)  # under FSDP, model.loss is an FSDP forward method already
     if world > 1 and not fsdp:
@@ -342,6 +361,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         writer = SummaryWriter(tb_dir)
     preview: dict[str, torch.Tensor] | None = None
     step_time = None
+    attempt = loop_config.get("attempt")  # the driver's token: progress.json is this run's
+    progress_at = float("-inf")
     while state["step"] < end_step:
         started = time.perf_counter()
         step = state["step"]
@@ -400,15 +421,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state["history"].append([step, loss_value])
         if rank == 0:
             eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
-            print(
-                f"[{spec.name}] step {step}/{cfg.train.steps} loss {loss_value:.4f} "
-                f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-                f"{step_time * 1000:.0f} ms/step ETA {eta}",
-                flush=True,
+            log.info(
+                "[%s] step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f ms/step ETA %s",
+                spec.name,
+                step,
+                cfg.train.steps,
+                loss_value,
+                metrics["lr"],
+                metrics["samples_per_s"],
+                step_time * 1000,
+                eta,
             )
             for key, value in metrics.items():
                 writer.add_scalar(f"train/{key}", value, step)
             writer.flush()
+            if attempt is not None and (
+                step == end_step or time.monotonic() - progress_at >= PROGRESS_EVERY_S
+            ):
+                progress_at = time.monotonic()
+                write_progress(
+                    storage,
+                    cfg.run_url(),
+                    {
+                        "attempt": attempt,
+                        "step": step,
+                        "steps": end_step,
+                        "loss": loss_value,
+                        "eta_s": step_time * (end_step - step),
+                    },
+                )
         checkpoint, dir_name = None, None
         if checkpoint_now:
             state["streams"] = feed.positions()  # a collective: on every rank
