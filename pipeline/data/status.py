@@ -23,12 +23,14 @@ nor the set of distinct samples fit in one process, so the work is a hash aggreg
 2. Rows are hash-partitioned by URL into B buckets: all the tries of a sample share its URL, hence
    its bucket. B is a power of two chosen for about ``bucket_rows`` rows a bucket, from the first
    shard's rows times the number of shards (img2dataset writes every shard but a run's last with
-   the same number of samples; retry shards are smaller). Rows are buffered in memory and
-   appended (Arrow IPC, lz4) to one file a bucket in a private temporary folder only once the
-   buffer passes half of ``bucket_rows``: a small dataset never touches the disk.
+   the same number of samples; retry shards are smaller), but at most ``FANOUT`` (256). Rows are
+   buffered in memory and appended (Arrow IPC, lz4) to one file a bucket in a private temporary
+   folder only once the buffer passes half of ``bucket_rows``: a small dataset never touches the
+   disk.
 3. Each bucket is aggregated alone with pyarrow's hash aggregation (group by url and caption: any
-   success, first and latest failed try). A bucket over ``bucket_rows`` rows (the estimate was
-   low) is first split again on further bits of the hash.
+   success, first and latest failed try). A bucket over ``bucket_rows`` rows (the fan-out was
+   capped, or the estimate low) is first split again on further bits of the hash, streamed from
+   its file one piece at a time into buckets of its own: it is never whole in memory.
 4. Each bucket's counts per latest error go to a second spill, partitioned by the error's hash
    (an error message may name a host or an object address, so there can be as many distinct
    errors as failures), which is reduced one partition at a time keeping the top ten. The retry
@@ -37,10 +39,11 @@ nor the set of distinct samples fit in one process, so the work is a hash aggreg
 
 Peak memory is that of about ``bucket_rows`` rows (the buffer partitioned, or the bucket being
 aggregated with pyarrow's hash tables, a few times the rows' bytes) plus the shards being read,
-whatever the dataset's size; the disk holds one compressed copy of the four columns at most, plus
-the (smaller) error and candidate spills. ``bucket_rows`` trades memory for the number of appends:
-each flush appends to every bucket, 2·(rows / ``bucket_rows``)² pieces in all, 8 million of about 250
-rows for LAION-2B at the default.
+whatever the dataset's size; the disk holds one compressed copy of the four columns at most (two
+while a bucket is split), plus the (smaller) error and candidate spills. Capping the fan-out keeps
+the number of appended pieces linear in the rows: each flush writes at most 256 pieces, about
+2·rows·256 / ``bucket_rows`` in all, and the splits half as many again (about 15 million pieces of
+about 200 rows for LAION-2B at the default 100k rows, on the temporary disk).
 
 :func:`write_synthetic_status` writes status parquets of any size with retries, duplicates and
 transient and permanent errors, for the tests and the scale benchmark.
@@ -69,7 +72,8 @@ from pipeline.storage import Storage, StorageError, basename
 
 # Rows a bucket holds (the aggregation's unit of memory): ~250 bytes a row at LAION's URL and
 # caption lengths, a few hundred MB with the aggregation's hash tables.
-BUCKET_ROWS = 1_000_000
+BUCKET_ROWS = 100_000
+FANOUT = 256  # partitions a flush writes to at most; larger buckets are split again when read
 READ_AHEAD = 8  # status parquets read ahead of the one being partitioned
 
 # Errors worth another try later: the server or the network, not the image.
@@ -165,6 +169,7 @@ def scan_status(
             split=False,
         )
         for bucket in rows.tables():
+            _release()
             counts.buckets += 1
             tried, failed = _aggregate(bucket)
             counts.tried += tried
@@ -207,10 +212,20 @@ def scan_status(
     return counts
 
 
+def _release() -> None:
+    """Hand the memory Arrow freed back to the system between buffers and buckets: its default
+    allocator (mimalloc) keeps freed pages in per-thread heaps, so the peak grew with the number
+    of buffers and buckets passed through (at 100× the quickstart's size, +165 MiB against +115
+    MiB with this; the system allocator for the whole process gives +70 MiB)."""
+    pa.default_memory_pool().release_unused()
+
+
 def _buckets(rows: int, bucket_rows: int) -> int:
-    """The power of two of buckets that puts at most ``bucket_rows`` of ``rows`` in each."""
+    """The power of two of buckets that puts at most ``bucket_rows`` of ``rows`` in each, but
+    no more than :data:`FANOUT`: beyond that a bucket is split again when it is read (streamed,
+    :meth:`_Spill.tables`), so each flush writes at most ``FANOUT`` pieces."""
     need = max(1, -(-rows // bucket_rows))
-    return 1 << (need - 1).bit_length()
+    return min(FANOUT, 1 << (need - 1).bit_length())
 
 
 def _top(errors: pa.Table) -> pa.Table:
@@ -368,6 +383,7 @@ class _Spill:
         self._buffer: list[tuple[pa.Table, np.ndarray]] = []
         self._buffered = 0
         self._memory: dict[int, pa.Table] = {}
+        self._rows: dict[int, int] = {}  # rows written to each partition's file
         self._options = pa.ipc.IpcWriteOptions(compression=_COMPRESSION)
 
     def add(
@@ -397,6 +413,7 @@ class _Spill:
     def _flush(self, *, to_disk: bool) -> None:
         if not self._buffer:
             return
+        _release()
         table = pa.concat_tables([t for t, _ in self._buffer])
         ids = np.concatenate([i for _, i in self._buffer])
         self._buffer, self._buffered = [], 0
@@ -420,6 +437,7 @@ class _Spill:
         return os.path.join(self.folder, f"{part}.arrows")
 
     def _write(self, part: int, rows: pa.Table) -> None:
+        self._rows[part] = self._rows.get(part, 0) + rows.num_rows
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rows.schema, options=self._options) as writer:
             writer.write_table(rows)
@@ -428,54 +446,57 @@ class _Spill:
             handle.write(struct.pack("<Q", data.size))
             handle.write(data)
 
-    def _read(self, part: int) -> pa.Table | None:
-        if not self.spilled:
-            return self._memory.pop(part, None)
+    def _pieces(self, part: int) -> Iterator[pa.Table]:
+        """The pieces of a partition's file, one flush at a time, then the file removed."""
         path = self._path(part)
         if not os.path.exists(path):
-            return None
-        tables, offset = [], 0
+            return
+        offset = 0
         with pa.memory_map(path) as source:
             data = source.read_buffer()
             while offset < data.size:
                 (size,) = struct.unpack_from("<Q", data, offset)
-                stream = pa.ipc.open_stream(data.slice(offset + 8, size))
-                tables.append(stream.read_all())
+                yield pa.ipc.open_stream(data.slice(offset + 8, size)).read_all()
                 offset += 8 + size
         os.remove(path)
+
+    def _read(self, part: int) -> pa.Table | None:
+        if not self.spilled:
+            return self._memory.pop(part, None)
+        tables = list(self._pieces(part))
+        if not tables:
+            return None
         # one chunk a column: a bucket comes back from one small chunk per flush, hundreds of
         # them, which group slower and leave the heap fragmented into small blocks
         return pa.concat_tables(tables).combine_chunks()
 
     def tables(self) -> Iterator[pa.Table]:
-        """Every non-empty partition, in order, split again where it is over the limit."""
+        """Every non-empty partition, in order. One over the limit (the fan-out was capped, or
+        the estimate low) is first partitioned again on the next bits of the hash, streamed
+        from its file a piece at a time into a spill of its own, so it is never whole in
+        memory."""
         for part in range(self.parts):
-            table = self._read(part)
-            if table is None or not table.num_rows:
+            over = self._rows.get(part, 0) > self.limit
+            if self.spilled and over and self.split and self.key and self.shift < 56:
+                yield from self._split(part).tables()
                 continue
-            if self.split and self.key and table.num_rows > self.limit and self.shift < 56:
-                sub = self._split(part, table)
-                if sub is not None:
-                    del table  # only the sub-partitions from here on
-                    yield from sub.tables()
-                    continue
-            yield table
+            table = self._read(part)
+            if table is not None and table.num_rows:
+                yield table
 
-    def _split(self, part: int, table: pa.Table) -> _Spill | None:
-        """``table`` (partition ``part``) partitioned again on the next bits of the hash, or
-        None when all its rows have the same hash (one URL tried many times)."""
+    def _split(self, part: int) -> _Spill:
+        """Partition ``part`` partitioned again on the next bits of the hash (past the 56th bit,
+        as when one URL was tried more than ``limit`` times, it is read whole)."""
         bits = self.parts.bit_length() - 1
         sub = _Spill(
             os.path.join(self.folder, f"{part}.split"),
-            _buckets(table.num_rows, self.limit),
+            _buckets(self._rows[part], self.limit),
             self.limit,
-            shift=self.shift + bits,
+            shift=self.shift + max(bits, 1),
         )
         sub.key = self.key
-        ids = sub._ids(table[self.key])
-        if (ids == ids[0]).all():
-            return None
-        sub.add(table, ids=ids)
+        for piece in self._pieces(part):
+            sub.add(piece, ids=sub._ids(piece[self.key]))
         sub.finish()
         return sub
 
