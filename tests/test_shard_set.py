@@ -126,9 +126,9 @@ def test_plain_tars_are_counted_on_the_cluster_once(tmp_path, ray_local, monkeyp
     assert sample_counts(root.storage, shards, cache) == {"0": 3, "1": 5, "2": 2}
 
     counted = []
-    real = shard_set._count_on_ray
+    real = shard_set.count_on_ray
     monkeypatch.setattr(
-        shard_set, "_count_on_ray", lambda s, named: counted.extend(named) or real(s, named)
+        shard_set, "count_on_ray", lambda s, named: counted.extend(named) or real(s, named)
     )
     assert sample_counts(root.storage, shards, cache) == {"0": 3, "1": 5, "2": 2}
     assert counted == []  # all from the cache

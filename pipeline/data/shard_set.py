@@ -309,7 +309,7 @@ def sample_counts(
         else:
             todo.append(name)
     if todo:
-        counts.update(_count_on_ray(storage, [(n, shards.tars[n]) for n in todo]))
+        counts.update(count_on_ray(storage, [(n, shards.tars[n]) for n in todo]))
         if cache_url:
             _write_counts(
                 storage,
@@ -319,7 +319,7 @@ def sample_counts(
     return counts
 
 
-def _count_on_ray(storage: Storage, named: list[tuple[str, str]]) -> dict[str, int]:
+def count_on_ray(storage: Storage, named: list[tuple[str, str]]) -> dict[str, int]:
     import ray
 
     log.info("counting the samples of %d plain webdataset tars (once; kept for reruns)", len(named))
