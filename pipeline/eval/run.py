@@ -49,7 +49,6 @@ import io
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -85,7 +84,7 @@ from pipeline.eval.report import (
     plot_png,
     rounded,
 )
-from pipeline.eval.workers import EvalPlan, Item, floats, run_items
+from pipeline.eval.workers import EvalPlan, Item, floats, local_file, run_items
 from pipeline.generate.batch import actor_gpus, actor_pool
 from pipeline.generate.cascade import (
     PRIOR,
@@ -95,7 +94,7 @@ from pipeline.generate.cascade import (
     find_checkpoint,
 )
 from pipeline.generate.sampling import plan_for
-from pipeline.storage import Storage, basename, is_local, join
+from pipeline.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -230,18 +229,8 @@ def inception_url(cfg: EvalConfig, storage: Storage, notes: list[str]) -> str | 
         log.warning("FID skipped: no Inception weights at %s", url)
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        metrics.load_inception(_local_file(storage, url, tmp), "cpu")
+        metrics.load_inception(local_file(storage, url, tmp), "cpu")
     return url
-
-
-def _local_file(storage: Storage, url: str, tmp: str) -> str:
-    """A local path for ``url``: itself when local, else a copy in ``tmp``."""
-    if is_local(url):
-        return url[len("file://") :] if url.startswith("file://") else url
-    path = os.path.join(tmp, basename(url))
-    with open(path, "wb") as handle:
-        handle.write(storage.read_bytes(url))
-    return path
 
 
 def _plan(cfg: EvalConfig, storage: Storage) -> tuple[CascadePlan, StageCheckpoint | None]:

@@ -26,6 +26,8 @@ moves them as Arrow tables.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,7 +39,7 @@ from pipeline.cascade_config import EvalConfig
 from pipeline.data.shard_set import TarLocator
 from pipeline.embed.store import EmbeddingStore
 from pipeline.generate.cascade import CascadePlan, StageCheckpoint
-from pipeline.storage import Storage
+from pipeline.storage import Storage, basename, is_local
 
 MAX_BLOCKS = 4096  # Ray Data blocks of items: enough to spread, few enough to schedule cheaply
 COLUMNS = (
@@ -87,6 +89,16 @@ class EvalPlan:
     tars: TarLocator | None
 
 
+def local_file(storage: Storage, url: str, tmp: str) -> str:
+    """A local path for ``url``: itself when local, else a copy in ``tmp``."""
+    if is_local(url):
+        return url[len("file://") :] if url.startswith("file://") else url
+    path = os.path.join(tmp, basename(url))
+    with open(path, "wb") as handle:
+        handle.write(storage.read_bytes(url))
+    return path
+
+
 def _bytes(array: Any) -> bytes:
     return np.ascontiguousarray(np.asarray(array, dtype=np.float32)).tobytes()
 
@@ -115,20 +127,9 @@ class EvalWorker:
             self.priors["ar_prior"] = load_stage_model(storage, plan.ar_prior, self.cascade.device)
         self.inception = None
         if plan.inception is not None:
-            import os
-            import tempfile
-
-            from pipeline.storage import basename, is_local
-
-            if is_local(plan.inception):
-                path = plan.inception.removeprefix("file://")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = local_file(storage, plan.inception, tmp)
                 self.inception = metrics.load_inception(path, self.cascade.device)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, basename(plan.inception))
-                    with open(path, "wb") as handle:
-                        handle.write(storage.read_bytes(plan.inception))
-                    self.inception = metrics.load_inception(path, self.cascade.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {c: [] for c in COLUMNS}
