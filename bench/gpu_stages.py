@@ -32,8 +32,10 @@ otherwise (MFU against 989 TFLOP/s):
   decoder        3563 M  16           30.1             54.0      6621          20%  0.01%         0.25 images/s (250 steps, guided)
   upsampler-256   730 M  16           140              17.6      1594          23%  0.00%         1.26 images/s (27 DDIM steps)
 
-(the prior at micro-batch 256: 259 samples/s, 129.8 GiB.) The decoder trains with gradient
-checkpointing (the paper config's), so part of its step recomputes forwards. The UNets' low MFU is
+(the prior at micro-batch 256: 259 samples/s, 129.8 GiB.) The decoder trained with gradient
+checkpointing (the paper config's then), so part of its step recomputes forwards, and the FLOP
+count above includes them: by the model's FLOPs (5153 GFLOP/sample) its MFU was 16%.
+``bench/gpu_decoder_step.py`` measures the decoder as the worker loop runs it, DDP against FSDP. The UNets' low MFU is
 where kernel work would pay, not the prior's transformer.
 """
 
