@@ -9,8 +9,10 @@ driver process, which reports its own peak RSS (``ru_maxrss``; Ray's workers are
               peak, samples/s (what the driver holds grows with shards, not rows)
     prior     the autoregressive prior's preparation (its PCA sample) on a store of that size
     ingest    the ingest summary over img2dataset status parquets of that size
-    records   completion records read back: one listing plus parallel reads, and through the
-              compacted index (--records of them; 100k by default)
+    records   --records completion records (100k by default) written as a run writes them, the
+              index written at the run's end (one listing), then read back by a stage start in
+              a fresh process: between runs (the index alone), and while a writer is open (one
+              listing of done/ plus the index)
 
     .venv/bin/python bench/scale.py                          # everything, 1×, 10×, 100×
     .venv/bin/python bench/scale.py --parts embed --sizes 1,10
@@ -161,24 +163,25 @@ def child_embed(root: str) -> dict:
 
 
 def child_records(store_url: str) -> dict:
-    from pipeline.embed.store import INDEX, EmbeddingStore
-    from pipeline.storage import Storage, join
+    from pipeline.embed import writers
+    from pipeline.embed.store import EmbeddingStore
+    from pipeline.storage import Storage
 
     storage = Storage()
-    store = EmbeddingStore(storage, store_url)
-    storage.remove(join(store_url, INDEX))
     started = time.perf_counter()
-    n = len(store.completed())
-    listed_and_read = time.perf_counter() - started
-    store.write_index()
-    store = EmbeddingStore(Storage(), store_url)  # a new process's view: no listing cache
-    started = time.perf_counter()
-    assert len(store.completed()) == n
-    indexed = time.perf_counter() - started
+    n = len(EmbeddingStore(storage, store_url).completed())
+    between_runs = time.perf_counter() - started
+    marker = writers.Marker(storage, store_url)  # a run writing: readers list the records
+    try:
+        started = time.perf_counter()
+        assert len(EmbeddingStore(storage, store_url).completed()) == n
+        writer_open = time.perf_counter() - started
+    finally:
+        marker.close()
     return {
         "records": n,
-        "listing_and_reads_s": round(listed_and_read, 2),
-        "indexed_s": round(indexed, 2),
+        "between_runs_s": round(between_runs, 2),
+        "writer_open_s": round(writer_open, 2),
     }
 
 
@@ -234,7 +237,9 @@ def run_child(part: str, target: str, env: dict[str, str]) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def write_record_files(storage, url: str, n: int) -> None:
+def write_record_files(storage, url: str, n: int) -> float:
+    """``n`` completion records written as a run's driver writes them, then the run's index;
+    returns the seconds the index took (one listing)."""
     from pipeline.embed.store import EmbeddingStore
 
     store = EmbeddingStore(storage, url)
@@ -244,6 +249,9 @@ def write_record_files(storage, url: str, n: int) -> None:
 
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(one, range(n)))
+    started = time.perf_counter()
+    store.write_index()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -332,13 +340,14 @@ def main() -> None:
         if "records" in parts:
             url = join(make_bucket("scale-records"), "embeddings", "bench")
             started = time.perf_counter()
-            write_record_files(storage, url, args.records)
+            indexed = write_record_files(storage, url, args.records)
             made = time.perf_counter() - started
             result = run_child("child_records", url, env)
             print(
-                f"records: {result['records']} completion records (written in {made:.0f} s): one "
-                f"listing + parallel reads {result['listing_and_reads_s']} s | one listing + the "
-                f"index {result['indexed_s']} s | driver peak {result['driver_peak_mib']} MiB",
+                f"records: {result['records']} completion records (written in {made:.0f} s, "
+                f"the run's index {indexed:.1f} s of it) read by a stage start: between runs "
+                f"{result['between_runs_s']} s | while a writer is open (listing + index) "
+                f"{result['writer_open_s']} s | driver peak {result['driver_peak_mib']} MiB",
                 flush=True,
             )
     finally:

@@ -304,6 +304,7 @@ def test_completion_records_come_from_the_index_and_what_changed_since(
         return original(self, url)
 
     monkeypatch.setattr(Storage, "read_json", counted)
+    store = EmbeddingStore(storage_root.storage, store.url)  # another process's view
     records = store.completed()
     assert {n: r["rows"] for n, r in records.items()} == {
         "00000": 0,

@@ -31,6 +31,7 @@ its own cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -120,6 +121,13 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
                 cfg.cpus_per_actor,
                 cfg.stall_timeout_s,
             )
+        except Exception:
+            # index what was recorded before the failure, so readers need not list the records
+            # (pipeline/embed/writers.py); if storage is what failed, the marker stays and
+            # they do
+            with contextlib.suppress(Exception):
+                store.finalize_manifest()
+            raise
         finally:
             for encoder in encoders:
                 ray.kill(encoder)

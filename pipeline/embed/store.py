@@ -9,6 +9,8 @@ Layout under ``<store root>/<clip-id>/``::
     done/NNNNN.json        the shard's completion record, written after its parquet
     done-index.parquet     the records compacted at the end of each run (name, version, record):
                            what lets a stage start read 200k records in seconds
+    writers/<id>.json      one marker per process writing records, removed once an index covers
+                           them: with none there, the index alone is every record (writers.py)
 
 A source shard is in the store exactly when its ``done`` record exists: the parquet is written first
 (atomically), the record last, so a shard is absent or complete, never half there, and rewriting an
@@ -23,6 +25,8 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.reader import Skips, read_samples
 from pipeline.data.shard_set import ShardSet, TarLocator, list_shards
+from pipeline.embed import writers
 from pipeline.errors import UserFacingError
 from pipeline.storage import Storage, basename, is_local, join
 
@@ -41,6 +46,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "done-index.parquet"  # the completion records compacted (see EmbeddingStore.completed)
+# written under the writer markers' rule (pipeline/embed/writers.py): an index without it (an older
+# store's) is never read alone
+INDEX_RULE = {b"unclip.index": b"writers-1"}
 READ_THREADS = 32  # completion records read at once when the index lacks them
 EMBEDDING_COLUMNS = ("key", "caption", "image_emb", "text_emb", "text_tokens")
 
@@ -101,6 +109,16 @@ class EmbeddingStore:
     def __init__(self, storage: Storage, url: str) -> None:
         self.storage = storage
         self.url = url
+        self._marker: writers.Marker | None = None  # this process's, while it writes records
+        self._marker_lock = threading.Lock()
+        # the records this process wrote since its last index: that index needs no GET of them
+        self._written: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy elsewhere writes under its own marker
+        return {"storage": self.storage, "url": self.url}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["storage"], state["url"])
 
     def __repr__(self) -> str:
         return f"EmbeddingStore({self.url!r})"
@@ -186,18 +204,26 @@ class EmbeddingStore:
     def completed(self) -> dict[str, dict[str, Any]]:
         """Completion records of the shards in the store, by source shard name.
 
-        One listing of ``done/`` says which shards are complete (the records are the truth);
-        their contents come from the compacted index (``done-index.parquet``, rewritten with
-        the manifest at the end of each run) where a record's version (ETag, or mtime and size)
-        is the one indexed, and otherwise from the record itself, read in parallel. At 200k
-        shards a GET each, one after another, took about an hour; the listing is ~200 pages.
+        The usual case, between runs: ``writers/`` is empty, so the compacted index
+        (``done-index.parquet``, rewritten with the manifest at the end of each run) holds every
+        record, and two requests read them all, whatever the store's size
+        (:mod:`pipeline.embed.writers` says why). Otherwise (a run writing, or one that died before
+        its index, or an index older than that rule), one listing of ``done/`` says which shards
+        are complete (the records are the truth); their contents come from the index where a
+        record's version (ETag, or mtime and size) is the one indexed, and otherwise from the
+        record itself, read in parallel. At 200k shards a GET each, one after another, took about
+        an hour; the listing is ~200 pages.
         """
+        if not writers.open_writers(self.storage, self.url):
+            index, rule = self._read_index()
+            if rule:
+                return {name: record for name, (_, record) in index.items()}
         return {name: record for name, (_, record) in self._records().items()}
 
     def _records(self) -> dict[str, tuple[str | None, dict[str, Any]]]:
         """Every completion record with its version: ``{name: (version, record)}``."""
         listing = self.storage.list_details(join(self.url, "done"))
-        index = self._read_index()
+        index, _ = self._read_index()
         out: dict[str, tuple[str | None, dict[str, Any]]] = {}
         unread: list[tuple[str, str, str | None]] = []
         for url, details in listing.items():
@@ -207,6 +233,8 @@ class EmbeddingStore:
             indexed = index.get(name)
             if version is not None and indexed is not None and indexed[0] == version:
                 out[name] = indexed
+            elif name in self._written:
+                out[name] = (version, self._written[name])
             else:
                 unread.append((name, url, version))
         if unread:
@@ -216,21 +244,26 @@ class EmbeddingStore:
                     out[name] = (version, record)
         return out
 
-    def _read_index(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        """The compacted index of the completion records (empty when absent or unreadable: the
-        records themselves are then read)."""
+    def _read_index(self) -> tuple[dict[str, tuple[str, dict[str, Any]]], bool]:
+        """The compacted index of the completion records, and whether it was written under the
+        writer markers' rule (empty and False when absent or unreadable: the records themselves
+        are then read)."""
         url = join(self.url, INDEX)
         try:
             with self.storage.open(url) as handle:
                 table = pq.read_table(handle)
         except Exception:  # absent (a new store), or damaged: the records are the truth
-            return {}
+            return {}, False
         names, versions, records = (table.column(c).to_pylist() for c in table.column_names)
-        return {n: (v, json.loads(r)) for n, v, r in zip(names, versions, records, strict=True)}
+        rule = (table.schema.metadata or {}).get(b"unclip.index") == INDEX_RULE[b"unclip.index"]
+        index = {n: (v, json.loads(r)) for n, v, r in zip(names, versions, records, strict=True)}
+        return index, rule
 
     def write_index(self) -> dict[str, dict[str, Any]]:
         """Rewrite the compacted index from the records (one listing, and reads of the records
-        written since the last index); returns the records."""
+        written since the last index); returns the records. Then this process's writer marker
+        goes, and any marker of a writer dead throughout the listing (their records are in)."""
+        listing_began = time.time()
         records = self._records()
         names = sorted(n for n, (version, _) in records.items() if version is not None)
         table = pa.table(
@@ -241,8 +274,14 @@ class EmbeddingStore:
             }
         )
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(INDEX_RULE), sink, compression="zstd")
         self.storage.write_bytes(join(self.url, INDEX), sink.getvalue().to_pybytes())
+        with self._marker_lock:
+            marker, self._marker = self._marker, None
+            self._written = {}
+        if marker is not None:
+            marker.close()
+        writers.remove_stale(self.storage, self.url, listing_began)
         return {name: record for name, (_, record) in records.items()}
 
     def check_source(self, shards_url: str) -> ShardSet:
@@ -279,8 +318,13 @@ class EmbeddingStore:
         self.storage.write_bytes(self.shard_file(name), sink.getvalue().to_pybytes())
 
     def write_record(self, name: str, record: dict[str, Any]) -> None:
-        """Write a shard's completion record (with its ``rows``), after its store file."""
+        """Write a shard's completion record (with its ``rows``), after its store file; the
+        first one puts this process's writer marker in place (until :meth:`write_index`)."""
+        with self._marker_lock:
+            if self._marker is None:
+                self._marker = writers.Marker(self.storage, self.url)
         self.storage.write_json(join(self.url, "done", f"{name}.json"), record)
+        self._written[name] = record
 
     def read_shard(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
         with self.storage.open(self.shard_file(name)) as handle:
