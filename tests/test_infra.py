@@ -143,6 +143,8 @@ def test_dockerfile_builds_on_the_ray_image_the_manifests_name() -> None:
     version = re.search(r"^ARG RAY_VERSION=(\S+)$", text, re.M).group(1)
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", text, re.M)
     assert version == render.RAY_VERSION == ray.__version__  # the Ray the tests run on
+    pyproject = (PROJECT / "pyproject.toml").read_text()
+    assert f'"ray[data,train,default]=={version}"' in pyproject  # and the one users install
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for path in source.split():
             assert (PROJECT / path).exists(), f"Dockerfile copies a missing {path}"
