@@ -9,7 +9,9 @@ and attribute accuracy on the captioned-shapes dataset. CPU-friendly, no network
 * **Inception features** from a local torchvision Inception-v3 weights file: the user gives the file,
   nothing is downloaded (:func:`load_inception`).
 * **Attribute accuracy**: for the captioned-shapes dataset, whether each ``(color, shape)`` a prompt
-  names is in the generated image, read by the geometric :mod:`pipeline.data.shape_checker`.
+  names is in the generated image, read by the geometric :mod:`pipeline.data.shape_checker`,
+  with a 95% bootstrap interval over prompts (:func:`attribute_totals`), and the paired difference
+  of two conditionings scored on the same prompts and seeds (:func:`paired_difference`).
 
 Everything takes numpy arrays or tensors and returns plain floats, arrays or dicts; reading images,
 running CLIP and writing results are the eval job's business.
@@ -38,6 +40,7 @@ __all__ = [
     "FeatureStats",
     "InceptionFeatures",
     "attribute_accuracy",
+    "attribute_totals",
     "clip_score",
     "clip_scores",
     "feature_stats",
@@ -45,6 +48,7 @@ __all__ = [
     "frechet_distance_features",
     "inception_features",
     "load_inception",
+    "paired_difference",
 ]
 
 INCEPTION_SIZE = 299  # Inception-v3's input side
@@ -308,6 +312,12 @@ def inception_features(
 # Attribute accuracy (captioned-shapes dataset)
 
 
+BOOTSTRAP_RESAMPLES = 2000  # resamples of the prompts behind each interval
+BOOTSTRAP_SEED = 0  # fixed: the same rows give the same interval
+CONFIDENCE = 0.95
+_GATHER_LIMIT = 1 << 20  # prompt indices drawn at once, to bound the memory of a resample block
+
+
 def attribute_row(image: np.ndarray, caption: str) -> dict[str, Any]:
     """One image's check against its caption: ``objects`` named, how many have their ``color``
     present and their ``shape`` right, and the ``checks`` (:class:`ObjectCheck` fields); no
@@ -323,21 +333,117 @@ def attribute_row(image: np.ndarray, caption: str) -> dict[str, Any]:
     }
 
 
-def attribute_totals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The accuracies of :func:`attribute_accuracy` from its rows (:func:`attribute_row`)."""
+def attribute_totals(rows: Sequence[dict[str, Any]], *, per_prompt: int = 1) -> dict[str, Any]:
+    """The accuracies of :func:`attribute_accuracy` from its rows (:func:`attribute_row`), with
+    ``color_ci`` and ``shape_ci``: their 95% bootstrap intervals over prompts, ``[lo, hi]``
+    (None when no row names an object).
+
+    ``rows`` come prompt-major, ``per_prompt`` images of a prompt after one another (what
+    ``unclip eval`` generates). The prompt, not the image, is what is resampled: the images of one
+    prompt share its caption and its difficulty, so they succeed or fail together and are not
+    independent draws; resampling images would count ``per_prompt`` correlated images as that many
+    independent ones and give too narrow an interval. Each resample draws as many prompts with
+    replacement, each carrying all its images' objects, and takes the accuracy as the objects
+    right over the objects named (the same ratio as the point estimate). The interval is the
+    percentile interval (Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 13) of
+    :data:`BOOTSTRAP_RESAMPLES` resamples, from a fixed seed: the same rows give the same
+    interval. With one prompt it is that prompt's accuracy twice.
+    """
     parsed = [r for r in rows if r["objects"]]
     objects = sum(r["objects"] for r in parsed)
     color_ok = sum(r["color_ok"] for r in parsed)
     shape_ok = sum(r["shape_ok"] for r in parsed)
     all_ok = sum(r["shape_ok"] == r["objects"] for r in parsed)
+    counts = _prompt_counts(rows, per_prompt)
+    sums = _bootstrap_sums(counts) if len(counts) else None
     return {
         "color": color_ok / objects if objects else math.nan,
         "shape": shape_ok / objects if objects else math.nan,
         "all": all_ok / len(parsed) if parsed else math.nan,
+        "color_ci": _percentile_interval(sums[:, 1] / sums[:, 0]) if sums is not None else None,
+        "shape_ci": _percentile_interval(sums[:, 2] / sums[:, 0]) if sums is not None else None,
         "objects": objects,
         "images": len(parsed),
         "unparsed": len(rows) - len(parsed),
     }
+
+
+def paired_difference(
+    rows_a: Sequence[dict[str, Any]],
+    rows_b: Sequence[dict[str, Any]],
+    per_prompt: int,
+    key: str,
+) -> dict[str, Any]:
+    """The difference of two conditionings' ``key`` accuracy (``"color"`` or ``"shape"``),
+    ``a - b``, with its 95% paired bootstrap interval: ``{"difference", "ci": [lo, hi],
+    "prompts"}`` (``prompts``: those naming an object, the ones resampled).
+
+    Both row lists (:func:`attribute_row`, ``per_prompt`` images of a prompt after one another, as
+    in :func:`attribute_totals`) must come from the same prompts and seeds. Each resample draws
+    the prompts once and applies the draw to both, so what the prompts have in common (an easy
+    prompt is easy for both) cancels out of the difference: the interval is that of the
+    difference, narrower than the two accuracies' intervals side by side suggest. An interval
+    that excludes 0 is a difference that the choice of prompts does not explain. NaN and None
+    when no prompt names an object.
+    """
+    if key not in ("color", "shape"):
+        raise ValueError(f"key must be 'color' or 'shape', got {key!r}")
+    if len(rows_a) != len(rows_b):
+        raise ValueError(f"paired rows differ in number: {len(rows_a)} vs {len(rows_b)}")
+    a = _prompt_counts(rows_a, per_prompt, keep_all=True)
+    b = _prompt_counts(rows_b, per_prompt, keep_all=True)
+    if not np.array_equal(a[:, 0], b[:, 0]):
+        raise ValueError("paired rows name different objects: not the same prompts")
+    named = a[:, 0] > 0
+    a, b = a[named], b[named]
+    if not len(a):
+        return {"difference": math.nan, "ci": None, "prompts": 0}
+    column = 1 if key == "color" else 2
+    difference = a[:, column].sum() / a[:, 0].sum() - b[:, column].sum() / b[:, 0].sum()
+    sums = _bootstrap_sums(np.concatenate([a, b], axis=1))
+    resampled = sums[:, column] / sums[:, 0] - sums[:, 3 + column] / sums[:, 3]
+    return {
+        "difference": float(difference),
+        "ci": _percentile_interval(resampled),
+        "prompts": len(a),
+    }
+
+
+def _prompt_counts(
+    rows: Sequence[dict[str, Any]], per_prompt: int, keep_all: bool = False
+) -> np.ndarray:
+    """Per prompt, its images' ``(objects, color_ok, shape_ok)`` added up: (P, 3) float64, the
+    prompts that name no object left out (unless ``keep_all``)."""
+    if per_prompt < 1:
+        raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
+    if len(rows) % per_prompt:
+        raise ValueError(f"{len(rows)} rows are not whole prompts of {per_prompt} images")
+    counts = np.array(
+        [[r["objects"], r["color_ok"], r["shape_ok"]] for r in rows], dtype=np.float64
+    ).reshape(-1, per_prompt, 3)
+    counts = counts.sum(axis=1)
+    return counts if keep_all else counts[counts[:, 0] > 0]
+
+
+def _bootstrap_sums(counts: np.ndarray) -> np.ndarray:
+    """The column sums of :data:`BOOTSTRAP_RESAMPLES` resamples of the (P, K) rows of ``counts``
+    (P rows drawn with replacement each time, from :data:`BOOTSTRAP_SEED`): (resamples, K)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    prompts = len(counts)
+    block = max(1, _GATHER_LIMIT // prompts)
+    sums = np.empty((BOOTSTRAP_RESAMPLES, counts.shape[1]))
+    for start in range(0, BOOTSTRAP_RESAMPLES, block):
+        stop = min(start + block, BOOTSTRAP_RESAMPLES)
+        drawn = rng.integers(0, prompts, size=(stop - start, prompts))
+        sums[start:stop] = counts[drawn].sum(axis=1)
+    return sums
+
+
+def _percentile_interval(statistics: np.ndarray) -> list[float]:
+    """The central :data:`CONFIDENCE` interval of the resampled ``statistics``: ``[lo, hi]``."""
+    tail = 100 * (1 - CONFIDENCE) / 2
+    lo, hi = np.percentile(statistics, [tail, 100 - tail])
+    return [float(lo), float(hi)]
 
 
 def attribute_accuracy(
@@ -352,6 +458,8 @@ def attribute_accuracy(
     * ``color``: the fraction of named objects whose colour is present;
     * ``shape``: the fraction whose colour is present as the named shape (so ``shape <= color``);
     * ``all``: the fraction of images in which every named object is right (colour and shape);
+    * ``color_ci``, ``shape_ci``: 95% bootstrap intervals of ``color`` and ``shape``, each image
+      its own prompt (:func:`attribute_totals`);
     * ``objects``, ``images``: the named objects and the images they come from;
     * ``unparsed``: captions that name no ``(color, shape)`` (free prompts): excluded from the rest;
     * ``rows`` (with ``rows=True``): per caption, ``{"caption", "objects": [ObjectCheck fields]}``,

@@ -1,6 +1,7 @@
-"""The evaluation's report: ``report.md`` (one table row per conditioning, what each column means,
-the notes, links to the pictures) and ``metrics.png`` (bars of attribute accuracy and CLIP score),
-both read from the ``report.json`` dictionary that :func:`pipeline.eval.run.run_eval` builds."""
+"""The evaluation's report: ``report.md`` (one table row per conditioning, the accuracies with
+their intervals, what each column means, each prior against no prior, the notes, links to the
+pictures) and ``metrics.png`` (bars of attribute accuracy and CLIP score), both read from the
+``report.json`` dictionary that :func:`pipeline.eval.run.run_eval` builds."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ METRIC_DOCS: dict[str, str] = {
     "that name none are left out)",
     "held-out": "the same on prompts that name a colour-shape pair the training data left out",
     "@64px": "the same on the decoder's output (64px in the paper), before the upsamplers",
+    "(lo–hi)": "beside an accuracy, its 95% bootstrap interval over prompts (percentile "
+    "interval of 2000 resamples of the prompts, each with all its images, as the images of one "
+    "prompt are not independent): how far the figure could move with other prompts like these",
 }
 
 
@@ -68,10 +72,41 @@ def _columns(report: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
         ("shape", ("sets", TRAIN, "attributes", "shape"), "pct"),
         ("held-out colour", ("sets", HELDOUT, "attributes", "color"), "pct"),
         ("held-out shape", ("sets", HELDOUT, "attributes", "shape"), "pct"),
+        (f"colour {low}", ("sets", TRAIN, "attributes_decoder", "color"), "pct"),
         (f"shape {low}", ("sets", TRAIN, "attributes_decoder", "shape"), "pct"),
+        (f"held-out colour {low}", ("sets", HELDOUT, "attributes_decoder", "color"), "pct"),
         (f"held-out shape {low}", ("sets", HELDOUT, "attributes_decoder", "shape"), "pct"),
     ]
     return [c for c in columns if held or "held-out" not in c[0]]
+
+
+def _cell(entry: dict[str, Any], path: tuple[str, ...], kind: str) -> str:
+    """A table cell: the value at ``path``, and for an accuracy its interval (the sibling key
+    ``<key>_ci``, as :func:`pipeline.eval.metrics.attribute_totals` writes it) when there is one."""
+    value = lookup(entry, *path)
+    if kind != "pct":
+        return _format(value, kind)
+    return format_pct_ci(value, lookup(entry, *path[:-1], f"{path[-1]}_ci"))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _interval(ci: Any) -> tuple[float, float] | None:
+    """``[lo, hi]`` as a pair of finite numbers, or None (missing, or null in ``report.json``)."""
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(_finite(b) for b in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def format_pct_ci(value: Any, ci: Any) -> str:
+    """An accuracy in percent with its interval, ``94% (89–98)``; the accuracy alone when the
+    interval is missing, ``–`` when the accuracy is."""
+    text, bounds = _format(value, "pct"), _interval(ci)
+    if text == "–" or bounds is None:
+        return text
+    return f"{text} ({100 * bounds[0]:.0f}–{100 * bounds[1]:.0f})"
 
 
 def _format(value: Any, kind: str) -> str:
@@ -113,7 +148,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "|---|" + "---:|" * len(columns),
     ]
     for _, entry in [*ordered(report), ("real", report["real"])]:
-        cells = [_format(lookup(entry, *path), kind) for _, path, kind in columns]
+        cells = [_cell(entry, path, kind) for _, path, kind in columns]
         lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
     lines += ["", "What the columns mean:", ""]
     low = f"@{report['resolutions'][0]}px"
@@ -127,9 +162,66 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"![attribute accuracy and CLIP score per conditioning]({report['plot']})",
         "",
         f"Sample grids, one row per prompt: {links}",
+        *comparison_section(report),  # last: a section of its own, nothing after its heading
         "",
     ]
     return "\n".join(lines)
+
+
+SET_NAMES = {TRAIN: "training-like", HELDOUT: "held-out"}
+METRIC_NAMES = {"color": "colour", "shape": "shape"}
+
+
+def comparison_section(report: dict[str, Any]) -> list[str]:
+    """``report.md``'s lines comparing each prior with each conditioning without one (DALL-E 2
+    §5.1: does the prior help?), one table row per ``report["comparisons"]`` entry
+    (:func:`pipeline.eval.run.comparisons`); none when there is nothing to compare."""
+    rows = report.get("comparisons") or []
+    if not rows:
+        return []
+    labels = {name: entry["label"] for name, entry in report["conditionings"].items()}
+    lines = [
+        "",
+        "## Prior against no prior (DALL-E 2 §5.1)",
+        "",
+        "The final images' accuracy with a prior minus without one, in points, on the same "
+        "prompts and noise seeds, with its 95% paired bootstrap interval over prompts (the "
+        "prompts resampled once for both conditionings). An interval that excludes 0 is a "
+        "difference the choice of prompts does not explain.",
+        "",
+        "| prompts | metric | conditionings | difference (points) | excludes 0 |",
+        "|---|---|---|---:|---|",
+    ]
+    for row in rows:
+        cells = [
+            SET_NAMES.get(row["set"], row["set"]),
+            METRIC_NAMES.get(row["metric"], row["metric"]),
+            f"{labels.get(row['a'], row['a'])} − {labels.get(row['b'], row['b'])}",
+            format_difference(row["difference"], row.get("ci")),
+            excludes_zero(row.get("ci")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_difference(difference: Any, ci: Any) -> str:
+    """A difference of accuracies in points with its interval, ``+12.5 (+4.0 to +21.0)``; ``–``
+    when there is none."""
+    if not _finite(difference):
+        return "–"
+    text, bounds = f"{100 * difference:+.1f}", _interval(ci)
+    if bounds is not None:
+        text += f" ({100 * bounds[0]:+.1f} to {100 * bounds[1]:+.1f})"
+    return text
+
+
+def excludes_zero(ci: Any) -> str:
+    """``yes`` when the interval lies wholly above or below 0, ``no`` when it holds 0, ``–``
+    when there is none."""
+    bounds = _interval(ci)
+    if bounds is None:
+        return "–"
+    return "yes" if bounds[0] > 0 or bounds[1] < 0 else "no"
 
 
 def samples_sentence(samples: dict[str, Any]) -> str:

@@ -16,7 +16,9 @@ images with ``pipeline.eval.metrics``:
 * **attribute accuracy**: for the captioned-shapes dataset, whether the colour and the shape each
   prompt names are in its image (:func:`pipeline.eval.metrics.attribute_accuracy`), on the final images
   and on the decoder's 64px ones, for prompts like the training captions and, separately, for
-  prompts naming a held-out colour-shape pair (``heldout_pairs``: the generalisation test).
+  prompts naming a held-out colour-shape pair (``heldout_pairs``: the generalisation test), each
+  with its 95% bootstrap interval over prompts; and each prior against each conditioning without
+  one, the paired difference of their accuracies with its interval (:func:`comparisons`).
 
 Prompt sets: ``train`` (the config's prompts, or ``num_prompts`` captions drawn from the store) and
 ``heldout`` (``num_heldout`` captioned-shapes scenes, each with a held-out pair). A ``real`` row
@@ -309,16 +311,46 @@ def _set_metrics(
     decoder: Sequence[dict[str, Any]] | None,
     clip_emb: np.ndarray,
     text_emb: np.ndarray,
+    per: int = 1,
 ) -> dict[str, Any]:
     """A prompt set's figures from its rows' attribute checks (final and decoder images, each
-    :func:`pipeline.eval.metrics.attribute_row`) and CLIP embeddings."""
+    :func:`pipeline.eval.metrics.attribute_row`, ``per`` rows a prompt: the accuracies'
+    intervals resample prompts) and CLIP embeddings."""
     out: dict[str, Any] = {
         "images": len(clip_emb),
         "clip_score": metrics.clip_score(clip_emb, text_emb) if len(clip_emb) else None,
-        "attributes": metrics.attribute_totals(attributes) if attributes is not None else None,
+        "attributes": metrics.attribute_totals(attributes, per_prompt=per)
+        if attributes is not None
+        else None,
     }
     if decoder is not None:
-        out["attributes_decoder"] = metrics.attribute_totals(decoder)
+        out["attributes_decoder"] = metrics.attribute_totals(decoder, per_prompt=per)
+    return out
+
+
+PRIORS = ("prior", "ar_prior")  # the conditionings with a prior
+NO_PRIOR = ("caption", "text_embedding")  # those without, which a prior is compared with
+
+
+def comparisons(
+    scored: dict[str, Scored], sets: Sequence[PromptSet], spans: dict[str, slice], per: int
+) -> list[dict[str, Any]]:
+    """Each prior against each conditioning without one (DALL-E 2 section 5.1's question: does
+    the prior help?), per prompt set, in colour and shape accuracy of the final images: the
+    difference, prior minus the other, with its paired bootstrap interval
+    (:func:`pipeline.eval.metrics.paired_difference`). The conditionings share prompts and noise
+    seeds, so the pairing is exact. One dict a comparison: ``{"set", "metric", "a", "b",
+    "difference", "ci", "prompts"}``, ``report.json``'s ``comparisons``."""
+    pairs = [(a, b) for a in PRIORS if a in scored for b in NO_PRIOR if b in scored]
+    out = []
+    for prompt_set in sets:
+        span = spans[prompt_set.name]
+        for key in ("color", "shape"):
+            for a, b in pairs:
+                difference = metrics.paired_difference(
+                    scored[a].attribute_rows(span), scored[b].attribute_rows(span), per, key
+                )
+                out.append({"set": prompt_set.name, "metric": key, "a": a, "b": b, **difference})
     return out
 
 
@@ -554,6 +586,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
                     scored.attribute_rows(spans[s.name], decoder=True),
                     scored.clip_emb[spans[s.name]],
                     scored.text_emb[spans[s.name]],
+                    per,
                 )
                 for s in sets
             },
@@ -585,6 +618,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
             "samples": samples,
             "order": list(entries),
             "conditionings": entries,
+            "comparisons": comparisons(gen, sets, spans, per),
             "metrics": METRIC_DOCS,
             "notes": notes,
             "plot": PLOT,
