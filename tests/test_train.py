@@ -155,18 +155,23 @@ def _weights(root: Root, run_url: str, name: str) -> dict[str, torch.Tensor]:
     return load(root.storage.read_bytes(join(latest, name)))
 
 
-# The resume tests' prior runs: 30 steps, checkpoints at 10, 20 and 30.
+# The resume tests' prior runs: 30 steps, checkpoints at 10, 20 and 30, 2 data streams.
 RESUMED = [
     "train.steps=30",
     "checkpoint.every_steps=10",
     "train.batch_size=32",
     "optim.warmup_steps=5",
+    "train.data_streams=2",
 ]
 
 
-def _straight_prior(root: Root, run: str, *overrides: str) -> tuple[Any, str]:
-    """An uninterrupted prior run: trained to step 30, its loss fell; (config, latest checkpoint)."""
-    cfg = _cfg(PriorConfig, "prior", root, f"run={run}", *overrides)
+@pytest.fixture(scope="module")
+def straight_prior(datasets) -> tuple[Any, str]:
+    """An uninterrupted prior run on the S3 endpoint (DDP, 2 workers, 2 data streams): trained to
+    step 30, its loss fell; (config, latest checkpoint). The DDP and the FSDP resume tests both
+    compare with it: one fit fewer, and FSDP checked against DDP's weights."""
+    root = datasets["s3"]
+    cfg = _cfg(PriorConfig, "prior", root, "run=straight", *RESUMED)
     assert run_training("train-prior", cfg, root.storage)["step"] == 30
     history, latest = _history(root, cfg.run_url())
     _assert_falls(history, 0.5)
@@ -195,14 +200,16 @@ def _assert_resumed_equals_straight(root: Root, straight: Any, resumed: Any, *na
     assert state["step"] == 30 and state["samples"] == 30 * 32 and state["resumes"] == 1
 
 
-def test_prior_trains_and_a_resumed_run_reaches_the_uninterrupted_weights(s3_root: Root) -> None:
+def test_prior_trains_and_a_resumed_run_reaches_the_uninterrupted_weights(
+    s3_root: Root, straight_prior: tuple[Any, str]
+) -> None:
     """On the S3 endpoint, with 2 workers: the prior learns, writing whole checkpoints and its
     events; a run stopped at step 10 and rerun draws the uninterrupted run's data and noise and
     reaches its weights; on the way, a half-written newer checkpoint is never picked and an
     incompatible config (another model, another batch size) is refused."""
     root = s3_root
     common = RESUMED
-    straight, latest = _straight_prior(root, "straight", *common)
+    straight, latest = straight_prior
     marker = root.storage.read_json(join(latest, "checkpoint.json"))
     assert {
         "model.safetensors",
@@ -252,19 +259,21 @@ def test_prior_trains_and_a_resumed_run_reaches_the_uninterrupted_weights(s3_roo
 
 
 def test_fsdp_prior_learns_and_a_run_resumed_on_one_worker_reaches_the_uninterrupted_weights(
-    s3_root: Root,
+    s3_root: Root, straight_prior: tuple[Any, str]
 ) -> None:
     """FSDP2 on the S3 endpoint: the prior learns on 2 workers, writing sharded checkpoints (every
     rank's part, no single model file) with a consolidated EMA; a run stopped at step 10 and
     resumed on one worker (the checkpoint resharded 2 → 1, the same 2 data streams) reaches the
-    uninterrupted run's weights; the exported EMA loads for sampling; a switch to DDP is refused.
-    ``ema.start_step`` beyond the run keeps the EMA a copy of the weights, so the consolidated
-    ``ema.safetensors`` compares the weights themselves."""
+    uninterrupted DDP run's weights and EMA (the same math sharded: float tolerance); the exported
+    EMA loads for sampling; a switch to DDP is refused."""
     from pipeline.generate.cascade import find_checkpoint, load_stage_model
 
     root = s3_root
-    common = [*RESUMED, "scaling.strategy=fsdp", "train.data_streams=2", "ema.start_step=1000"]
-    straight, latest = _straight_prior(root, "fsdp-straight", *common)
+    straight, _ = straight_prior
+    common = [*RESUMED, "scaling.strategy=fsdp"]
+    stopped = _cfg(PriorConfig, "prior", root, "run=fsdp-stopped", "train.stop_at_step=10", *common)
+    assert run_training("train-prior", stopped, root.storage)["step"] == 10
+    latest = checkpoints.latest_checkpoint(root.storage, stopped.run_url())
     files = set(root.storage.read_json(join(latest, "checkpoint.json"))["files"])
     assert {
         "parts/.metadata",
@@ -277,13 +286,12 @@ def test_fsdp_prior_learns_and_a_run_resumed_on_one_worker_reaches_the_uninterru
     } <= files, files
     assert not {"model.safetensors", "optimizer.pt"} & files
 
-    stopped = _cfg(PriorConfig, "prior", root, "run=fsdp-stopped", "train.stop_at_step=10", *common)
-    assert run_training("train-prior", stopped, root.storage)["step"] == 10
     ddp = _cfg(PriorConfig, "prior", root, "run=fsdp-stopped", *common, "scaling.strategy=ddp")
     with pytest.raises(UserFacingError, match=r"scaling.strategy: 'fsdp' in the run, 'ddp' now"):
         run_training("train-prior", ddp, root.storage)
     resumed = _cfg(PriorConfig, "prior", root, "run=fsdp-stopped", *common, "scaling.num_workers=1")
     assert run_training("train-prior", resumed, root.storage)["step"] == 30
+    _assert_falls(_history(root, resumed.run_url())[0], 0.5)
     _assert_resumed_equals_straight(root, straight, resumed, "ema.safetensors")
     want = _weights(root, straight.run_url(), "ema.safetensors")
 
