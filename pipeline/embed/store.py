@@ -284,10 +284,13 @@ class EmbeddingStore:
         writers.remove_stale(self.storage, self.url, listing_began)
         return {name: record for name, (_, record) in records.items()}
 
-    def check_source(self, shards_url: str) -> ShardSet:
+    def check_source(
+        self, shards_url: str, records: dict[str, dict[str, Any]] | None = None
+    ) -> ShardSet:
         """The source shards at ``shards_url`` (a folder or pattern), refusing to pair this store
         with shards it was not made from, or that changed since (the size and version each
-        completion record keeps of its tar; one listing)."""
+        completion record keeps of its tar; one listing). ``records``: :meth:`completed`, read
+        here when not given."""
         source = self.manifest().get("source")
         if source and not same_place(source, shards_url):
             raise UserFacingError(
@@ -296,7 +299,7 @@ class EmbeddingStore:
                 "its own store"
             )
         shards = list_shards(self.storage, shards_url)
-        changed = changed_sources(self.completed(), shards.versions)
+        changed = changed_sources(self.completed() if records is None else records, shards.versions)
         if changed:
             raise UserFacingError(
                 f"{len(changed)} source shards under {shards_url} changed since they were "

@@ -67,9 +67,12 @@ def shard_pieces(storage: Storage, shards: ShardSet, cfg: TrainStageConfig) -> t
     return tuple(Piece(name, counts[name]) for name in shards.names)
 
 
-def store_pieces(store: EmbeddingStore) -> tuple[Piece, ...]:
-    """The store's completed shards as pieces, each with the rows its record counts."""
-    records = store.completed()
+def store_pieces(
+    store: EmbeddingStore, records: dict[str, dict[str, Any]] | None = None
+) -> tuple[Piece, ...]:
+    """The store's completed shards as pieces, each with the rows its record counts (``records``:
+    ``store.completed()``, read here when not given)."""
+    records = store.completed() if records is None else records
     if not records:
         raise UserFacingError(f"the embedding store at {store.url} has no completed shards")
     return tuple(Piece(name, int(records[name]["rows"])) for name in sorted(records))
@@ -107,11 +110,18 @@ def prepare_prior(cfg: PriorConfig, storage: Storage) -> tuple[Source, dict[str,
     driver's memory does not grow with the store."""
     store = _store(cfg, storage)
     info = store_info(store)
+    records = store.completed()  # read once, for the pieces and the PCA sample
     if cfg.model.kind == "autoregressive":  # the PCA and buckets are fitted on the store
-        fit = sample_arrays(store, ["image_emb", "text_emb"], FIT_ROWS, cfg.train.seed)
+        fit = sample_arrays(
+            store, ["image_emb", "text_emb"], FIT_ROWS, cfg.train.seed, records=records
+        )
         info["fit_image_emb"], info["fit_text_emb"] = fit["image_emb"], fit["text_emb"]
     source = StoreRows(
-        store_pieces(store), cfg.storage, cfg.train.seed, store=store.url, columns=PRIOR_COLUMNS
+        store_pieces(store, records),
+        cfg.storage,
+        cfg.train.seed,
+        store=store.url,
+        columns=PRIOR_COLUMNS,
     )
     return source, info
 
@@ -143,8 +153,9 @@ def collate_embeddings(batch: dict[str, Any], cfg: Any = None) -> dict[str, torc
 
 def prepare_decoder(cfg: DecoderConfig, storage: Storage) -> tuple[Source, dict[str, Any]]:
     store = _store(cfg, storage)
-    pieces = store_pieces(store)
-    shards = store.check_source(cfg.url(cfg.shards))
+    records = store.completed()  # read once, for the pieces and the source check
+    pieces = store_pieces(store, records)
+    shards = store.check_source(cfg.url(cfg.shards), records)
     source = StoreImages(
         pieces,
         cfg.storage,
