@@ -19,6 +19,7 @@ circle"``, ``unclip interpolate a.png b.png``): every positional argument that i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from jobs.commands import COMMANDS, Command
 from pipeline import config as configlib
 from pipeline import logs
 from pipeline.errors import UserFacingError
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, is_local
 
 PROJECT_ROOT = Path(pipeline.PROJECT_ROOT)
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -182,6 +183,7 @@ def run_stage(command: Command, argv: Sequence[str] | None = None, prog: str | N
         logs.close()
         print(configlib.dumps(cfg), end="")
         return 0
+    cfg = absolute_root(cfg)
     run_log = logs.open_run_log(cfg, command.name)
     error: Exception | None = None
     try:
@@ -202,6 +204,17 @@ def run_stage(command: Command, argv: Sequence[str] | None = None, prog: str | N
     elif where and not (run_log is not None and run_log.named):
         print(f"log: {where}")
     return status
+
+
+def absolute_root(cfg: Any) -> Any:
+    """``cfg`` with a relative local ``root`` made absolute against this process's working
+    directory (the README's ``root: runs/quickstart``): Ray's workers do not run in the driver's
+    working directory (Ray Train's change theirs), so a relative path names the user's folder on
+    the driver alone. Roots on object storage, and absolute ones, are kept."""
+    root = getattr(cfg, "root", None)
+    if not isinstance(root, str) or not is_local(root) or "://" in root or os.path.isabs(root):
+        return cfg
+    return dataclasses.replace(cfg, root=os.path.abspath(root))
 
 
 def main_of(name: str) -> Callable[..., int]:
