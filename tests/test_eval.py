@@ -99,7 +99,7 @@ def inception_file(eval_root) -> str:
 
 def _cfg(c: dict, *extra: str) -> EvalConfig:
     """The shipped tiny config pointed at the test's cascade: 2 store prompts and 2 held-out ones,
-    every stage sampled with a few steps."""
+    one image each, every stage sampled with a few steps."""
     return configlib.load(
         EvalConfig,
         str(CONFIG_DIR / "eval" / "tiny.yaml"),
@@ -111,6 +111,7 @@ def _cfg(c: dict, *extra: str) -> EvalConfig:
             "num_prompts=2",
             f"heldout_pairs={json.dumps(HELDOUT)}",
             "num_heldout=2",
+            "samples_per_prompt=1",
             "batch_size=4",
             *extra,
         ),
