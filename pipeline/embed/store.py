@@ -214,16 +214,21 @@ class EmbeddingStore:
         record itself, read in parallel. At 200k shards a GET each, one after another, took about
         an hour; the listing is ~200 pages.
         """
+        index = None
         if not writers.open_writers(self.storage, self.url):
             index, rule = self._read_index()
             if rule:
                 return {name: record for name, (_, record) in index.items()}
-        return {name: record for name, (_, record) in self._records().items()}
+        return {name: record for name, (_, record) in self._records(index).items()}
 
-    def _records(self) -> dict[str, tuple[str | None, dict[str, Any]]]:
-        """Every completion record with its version: ``{name: (version, record)}``."""
+    def _records(
+        self, index: dict[str, tuple[str, dict[str, Any]]] | None = None
+    ) -> dict[str, tuple[str | None, dict[str, Any]]]:
+        """Every completion record with its version: ``{name: (version, record)}`` (``index``:
+        the compacted index when the caller has read it already)."""
         listing = self.storage.list_details(join(self.url, "done"))
-        index, _ = self._read_index()
+        if index is None:
+            index, _ = self._read_index()
         out: dict[str, tuple[str | None, dict[str, Any]]] = {}
         unread: list[tuple[str, str, str | None]] = []
         for url, details in listing.items():
