@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -202,7 +203,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "step_s_max": times[-1],
         "samples_per_s": args.batch / step_s,
         "losses": losses,
-        "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+        "finite": all(map(math.isfinite, losses)),
         "gflop_per_sample": gflop,
     }
     if cuda:
