@@ -156,6 +156,31 @@ class Root:
     storage: Storage
 
 
+def _calls(monkeypatch, method: str, last_part: bool) -> list[str]:
+    """Every URL (or its last path part) given to ``Storage.<method>`` during the test."""
+    seen: list[str] = []
+    original = getattr(Storage, method)
+
+    def counted(self, url, *args, **kwargs):
+        seen.append(url.rstrip("/").rsplit("/", 1)[-1] if last_part else url)
+        return original(self, url, *args, **kwargs)
+
+    monkeypatch.setattr(Storage, method, counted)
+    return seen
+
+
+@pytest.fixture
+def listings(monkeypatch) -> list[str]:
+    """The folders listed through ``Storage.list_details`` (last path part), in order."""
+    return _calls(monkeypatch, "list_details", last_part=True)
+
+
+@pytest.fixture
+def json_reads(monkeypatch) -> list[str]:
+    """The URLs read through ``Storage.read_json``, in order."""
+    return _calls(monkeypatch, "read_json", last_part=False)
+
+
 @pytest.fixture(params=["local", "s3"])
 def storage_root(request: pytest.FixtureRequest, tmp_path) -> Root:
     """The same test on local disk and on the S3 endpoint."""

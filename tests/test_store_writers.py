@@ -8,26 +8,11 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.embed import writers
 from pipeline.embed.store import INDEX, EmbeddingStore
-from pipeline.storage import Storage, join
+from pipeline.storage import join
 from tests.conftest import Root
-
-
-@pytest.fixture
-def listings(monkeypatch) -> list[str]:
-    """The last path part of every folder listed through ``Storage.list_details``."""
-    seen: list[str] = []
-    original = Storage.list_details
-
-    def counted(self, url, **kwargs):
-        seen.append(url.rstrip("/").rsplit("/", 1)[-1])
-        return original(self, url, **kwargs)
-
-    monkeypatch.setattr(Storage, "list_details", counted)
-    return seen
 
 
 def _store(root: Root, n: int) -> EmbeddingStore:
@@ -52,23 +37,16 @@ def test_between_runs_the_records_come_from_the_index_without_listing_them(
 
 
 def test_the_index_at_a_runs_end_reads_none_of_the_records_the_run_wrote(
-    storage_root: Root, monkeypatch
+    storage_root: Root, json_reads: list[str]
 ) -> None:
     """The run's own records come from its memory, their versions from the one listing: at 100k
     shards a GET each would cost minutes."""
     store = _store(storage_root, 5)
-    reads: list[str] = []
-    original = Storage.read_json
-
-    def counted(self, url):
-        reads.append(url)
-        return original(self, url)
-
-    monkeypatch.setattr(Storage, "read_json", counted)
+    json_reads.clear()
     assert {n: r["rows"] for n, r in store.write_index().items()} == {
         f"{i:05d}": i for i in range(5)
     }
-    assert [u for u in reads if "/done/" in u] == []
+    assert [url for url in json_reads if "/done/" in url] == []
     assert len(EmbeddingStore(storage_root.storage, store.url).completed()) == 5
 
 

@@ -96,6 +96,7 @@ from pipeline.generate.cascade import (
     find_checkpoint,
 )
 from pipeline.generate.sampling import plan_for
+from pipeline.progress import Progress
 from pipeline.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -246,8 +247,11 @@ def _plan(cfg: EvalConfig, storage: Storage) -> tuple[CascadePlan, StageCheckpoi
     return plan, second
 
 
-def _store(cfg: EvalConfig, storage: Storage, plan: CascadePlan) -> EmbeddingStore:
-    """The store to draw prompts and real images from; its CLIP must be the cascade's."""
+def _store(
+    cfg: EvalConfig, storage: Storage, plan: CascadePlan
+) -> tuple[EmbeddingStore, dict[str, Any]]:
+    """The store to draw prompts and real images from, and its manifest (read once); its CLIP
+    must be the cascade's."""
     url = cfg.url(cfg.store) if cfg.store else plan.decoder.info.get("store")
     if not url:
         raise UserFacingError(
@@ -256,13 +260,14 @@ def _store(cfg: EvalConfig, storage: Storage, plan: CascadePlan) -> EmbeddingSto
     store = EmbeddingStore(storage, url)
     if not store.exists():
         raise UserFacingError(f"no embedding store at {url} (config key: store)")
-    found = store.manifest()["clip"]["id"]
+    manifest = store.manifest()
+    found = manifest["clip"]["id"]
     if found != plan.clip_id:
         raise UserFacingError(
             f"the embedding store at {url} was made by {found!r}, but the cascade reads "
             f"embeddings of {plan.clip_id!r}: give the decoder's store (config key: store)"
         )
-    return store
+    return store, manifest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,8 +419,13 @@ def collect(
     }
     reals = Scored(np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32))
     device = "cpu"
+    total = rows * len(names) + real
+    progress = Progress("eval", total, "images")
+    progress.update(0, "starting the actors")
+    done = 0
     for table in tables:
         for row in table.to_pylist():
+            done += 1
             device = row["device"]
             scored = gen[row["conditioning"]] if row["kind"] == "gen" else reals
             r = int(row["row"])
@@ -430,6 +440,7 @@ def collect(
                 scored.inception[r] = floats(row["inception"], metrics.INCEPTION_FEATURE_DIM)[0]
             for key in ("generate_s", "clip_s", "inception_s"):
                 scored.seconds[key] = scored.seconds.get(key, 0.0) + float(row[key])
+        progress.update(done, f"{len(names)} conditionings, {real} real")
     return gen, reals, device
 
 
@@ -442,7 +453,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
     began = time.perf_counter()
     notes: list[str] = []
     plan, ar_prior = _plan(cfg, storage)
-    store = _store(cfg, storage, plan)
+    store, manifest = _store(cfg, storage, plan)
     weights = inception_url(cfg, storage, notes)
     timings: dict[str, Any] = {"plan": time.perf_counter() - began}
 
@@ -465,7 +476,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
             notes.append(
                 f"the store's sample holds {len(drawn)} captioned rows: {len(captions)} prompts"
             )
-    shards_url = cfg.url(cfg.shards) if cfg.shards else store.manifest().get("source")
+    shards_url = cfg.url(cfg.shards) if cfg.shards else manifest.get("source")
     if cfg.heldout_pairs:
         options = scene_options(storage, shards_url) if shards_url else {}
         prompts = heldout_prompts(cfg.holdout_pairs(), cfg.num_heldout, cfg.seed, **options)
@@ -525,7 +536,7 @@ def run_eval(cfg: EvalConfig, storage: Storage | None = None) -> dict[str, Any]:
     )
     timings["prompts_and_real_images"] = time.perf_counter() - started
     started = time.perf_counter()
-    dim = int(store.manifest()["embed_dim"])
+    dim = int(manifest["embed_dim"])
     gen, reals, device = collect(
         run_items(eval_plan, items, storage, gpus), names, len(row_prompts), len(real), dim
     )
