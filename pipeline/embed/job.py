@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -129,7 +130,7 @@ def run_embedding(cfg: EmbedConfig, storage: Storage | None = None) -> dict[str,
                 store.finalize_manifest()
             raise
         finally:
-            for encoder in encoders:
+            for encoder in encoders.values():
                 ray.kill(encoder)
     elapsed = time.time() - started
     manifest = store.finalize_manifest()
@@ -164,21 +165,24 @@ def start_encoders(
     storage: Storage,
     mean: tuple,
     std: tuple,
-) -> list[Any]:
-    """``cfg.concurrency`` encoder actors, each restarted (and its calls retried) when its node
-    is lost."""
+) -> dict[str, Any]:
+    """``cfg.concurrency`` encoder actors by name (unique to this run: the readers find them by
+    it), each restarted (and its calls retried) when its node is lost."""
     import ray
 
-    actor = ray.remote(concurrency_groups={STATUS_GROUP: 1})(ClipEncoder).options(
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
-    return [
-        actor.remote(cfg.clip, checkpoint, storage, cfg.precision, cfg.threads_per_actor, mean, std)
-        for _ in range(cfg.concurrency)
-    ]
+    actor = ray.remote(concurrency_groups={STATUS_GROUP: 1})(ClipEncoder)
+    run = uuid.uuid4().hex[:12]
+    args = (cfg.clip, checkpoint, storage, cfg.precision, cfg.threads_per_actor, mean, std)
+    return {
+        name: actor.options(
+            name=name,
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor,
+            max_restarts=-1,
+            max_task_retries=-1,
+        ).remote(*args)
+        for name in (f"unclip-embed-encoder-{run}-{i}" for i in range(cfg.concurrency))
+    }
 
 
 def readers_count(per_encoder: int, encoders: int, cpus_per_encoder: float) -> int:
@@ -217,26 +221,29 @@ class ShardRun:
         self,
         tars: list[tuple[str, str]],
         spec: ShardSpec,
-        encoders: list[Any],
+        encoders: dict[str, Any],
         readers_per_encoder: int,
         cpus_per_encoder: float,
         stall_timeout_s: float | None,
     ) -> None:
-        """Encode every (name, tar) with ``readers_per_encoder`` reader actors per encoder, a shard at a
-        time each, and record each shard as it comes back. Raises :class:`PipelineStalled` when no row is encoded and no
+        """Encode every (name, tar) with ``readers_per_encoder`` reader actors per encoder (``encoders``:
+        actor name → handle), a shard at a time each, and record each shard as it comes back. Raises :class:`PipelineStalled` when no row is encoded and no
         shard finishes for ``stall_timeout_s``."""
         import ray
 
         reader = ray.remote(ShardReader).options(num_cpus=1, max_restarts=-1, max_task_retries=-1)
-        spec_ref = ray.put(spec)  # one copy in the object store, not one per reader
+        # The spec by value (a few kB, inlined in the call) and the encoder by name: an actor
+        # handle or a ray.put object among a restartable actor's arguments lives in the object
+        # store, and Ray core warns on every run that a restarted reader might not find it.
+        names = list(encoders)
         idle = [
-            reader.remote(spec_ref, encoders[r % len(encoders)])
-            for r in range(readers_count(readers_per_encoder, len(encoders), cpus_per_encoder))
+            reader.remote(spec, names[r % len(names)])
+            for r in range(readers_count(readers_per_encoder, len(names), cpus_per_encoder))
         ]
         readers = list(idle)
         queue = deque(tars)
         running: dict[Any, tuple[tuple[str, str], Any]] = {}
-        counts = Counts(encoders)
+        counts = Counts(list(encoders.values()))
         last_progress = time.time()
         poll = min(self.POLL_S, stall_timeout_s or self.POLL_S)
         try:
@@ -257,6 +264,7 @@ class ShardRun:
                 if stall_timeout_s is not None and stalled_for > stall_timeout_s:
                     raise PipelineStalled(self.stalled(stalled_for))
         finally:
+            counts.settle()
             for actor in readers:
                 ray.kill(actor)
 
@@ -305,6 +313,9 @@ class ShardRun:
         self.skipped += skipped
 
 
+SETTLE_S = 2.0  # how long the end of a run waits for the encoders' last status answers
+
+
 class Counts:
     """The rows the encoders have encoded, asked of them on their status group without waiting:
     each question is sent once and its answer taken when it has come (a dead or restarting
@@ -335,6 +346,15 @@ class Counts:
             moved = moved or rows != self.last[i]
             self.last[i] = rows
         return moved
+
+    def settle(self, timeout_s: float = SETTLE_S) -> None:
+        """Wait (at most ``timeout_s``) for the questions still out: an encoder killed while it
+        answers one makes Ray print that the call failed and will be retried."""
+        import ray
+
+        if self.asked:
+            ray.wait(list(self.asked), num_returns=len(self.asked), timeout=timeout_s)
+        self.asked.clear()
 
 
 def embed_summary_line(summary: dict[str, Any]) -> str:

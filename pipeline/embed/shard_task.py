@@ -166,9 +166,11 @@ class ShardReader:
     """The reader actor: encodes the shards the driver hands it, one at a time, with one encoder
     (one CPU; restarted, and its call retried, when its node is lost)."""
 
-    def __init__(self, spec: ShardSpec, encoder: Any) -> None:
+    def __init__(self, spec: ShardSpec, encoder_name: str) -> None:
+        import ray
+
         self.spec = spec
-        self.encoder = encoder
+        self.encoder = ray.get_actor(encoder_name)  # a restarted encoder keeps its name
 
     def encode(self, name: str, tar_url: str) -> dict[str, Any]:
         """:func:`encode_shard` of the shard ``name`` at ``tar_url``."""
