@@ -69,7 +69,7 @@ def test_overrides_apply() -> None:
         str(CONFIG_DIR / "decoder" / "tiny.yaml"),
         [
             "optim.lr=3e-4",
-            "model.channel_mult=[1,2,3,4]",
+            "model.channel_mult=[1,2,4,8]",
             "scaling.use_gpu=true",
             "optim.grad_clip=null",
             "train.steps=2e3",
@@ -79,7 +79,7 @@ def test_overrides_apply() -> None:
         ],
     )
     assert cfg.optim.lr == pytest.approx(3e-4)
-    assert cfg.model.channel_mult == (1, 2, 3, 4)
+    assert cfg.model.channel_mult == (1, 2, 4, 8)
     assert cfg.scaling.use_gpu is True
     assert cfg.optim.grad_clip is None
     assert cfg.train.steps == 2000 and isinstance(cfg.train.steps, int)
